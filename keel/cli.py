@@ -1,0 +1,79 @@
+"""The `keel` command: one subcommand per job, ms-swift flag spelling.
+
+    keel --help
+    keel infer --query "Who are you?"
+    keel sft --dataset self_cognition.json --model_name Keel --model_author "Acme Lab"
+
+Subcommands are a plain dict from name to (module, summary); a module is imported only when
+its subcommand runs, so `keel --help` is instant. Each module has `main(argv)`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import sys
+
+from keel.errors import KeelError
+from keel.flags import print_error_and_exit
+
+COMMANDS = {
+    "infer": ("keel.infer", "chat, answer one --query, or answer a JSONL file"),
+    "sft": ("keel.train", "LoRA fine-tune (ms-swift `swift sft` flags)"),
+    "eval": ("keel.evaluate", "identity, leakage, multiple-choice and drift scores; base vs tuned"),
+    "data": ("keel.data.cli", "identity | check | ballast: build and check datasets"),
+    "export": ("keel.export", "merge the LoRA into the weights, or write GGUF + Ollama Modelfile"),
+    "deploy": ("keel.deploy", "OpenAI-compatible server with a web chat and feedback buttons"),
+    "feedback": ("keel.feedback", "export rated answers as training rows"),
+    "recipe": ("keel.recipe", "one command: identity data + ballast + train + before/after report"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: keel <command> [flags]   (keel <command> --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def quiet_libraries():
+    """Keep library chatter (progress bars, advice) off the user's terminal."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return
+    if argv[0] in ("-V", "--version"):
+        from keel import __version__
+
+        print(f"keel {__version__}")
+        return
+    name, rest = argv[0], argv[1:]
+    try:
+        if name not in COMMANDS:
+            close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see keel --help"
+            raise KeelError(f"unknown command '{name}'{hint}")
+        quiet_libraries()
+        module = importlib.import_module(COMMANDS[name][0])
+        code = module.main(rest)
+    except KeelError as e:
+        print_error_and_exit(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        raise SystemExit(130)
+    raise SystemExit(code or 0)
