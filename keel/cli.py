@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return
+        raise SystemExit(0)
     if argv[0] in ("-V", "--version"):
         from keel import __version__
 
         print(f"keel {__version__}")
-        return
+        raise SystemExit(0)
     name, rest = argv[0], argv[1:]
     try:
         if name not in COMMANDS:

@@ -147,7 +147,41 @@ def resolve_model_path(spec: str | None) -> tuple[str, str]:
         for cand in (Path(mirror) / hub_id, Path(mirror) / hub_id.split("/")[-1]):
             if (cand / "config.json").is_file():
                 return str(cand), hub_id
-    return hub_id, hub_id
+    return fetch_from_hub(hub_id), hub_id
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick TCP check, so an offline machine fails in seconds instead of retrying for minutes."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def fetch_from_hub(hub_id: str) -> str:
+    """A local folder for a hub model: the hub cache if present, else a download."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    try:
+        return snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True)
+    except Exception:  # not in the local hub cache
+        pass
+    hint = (f"download it elsewhere and pass the folder (--model /path/to/{hub_id.split('/')[-1]}) "
+            f"or put it in $KEEL_MODEL_DIR/{hub_id}")
+    if not hub_reachable():
+        raise KeelError(f"--model: could not fetch '{hub_id}' from the hub (offline); {hint}")
+    try:
+        return snapshot_download(hub_id, allow_patterns=patterns)
+    except Exception as e:
+        raise KeelError(f"--model: could not fetch '{hub_id}' from the hub ({type(e).__name__}); {hint}") from None
 
 
 def read_adapter_args(adapter_dir: str | Path) -> dict:
@@ -197,12 +231,8 @@ def _from_pretrained(path: str, name: str, dtype):
 
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
-    except OSError as e:
-        if Path(path).exists():
-            raise KeelError(f"--model: cannot read '{path}' ({str(e)[:160]})") from None
-        raise KeelError(f"--model: could not fetch '{name}' from the hub (offline?); download it elsewhere "
-                        f"and pass the folder: --model /path/to/{name.split('/')[-1]}, or put it in "
-                        f"$KEEL_MODEL_DIR/{name}") from None
+    except (OSError, ValueError) as e:
+        raise KeelError(f"--model: cannot read '{path}' ({str(e).splitlines()[0][:160]})") from None
 
 
 def attach_adapter(model, adapter_dir: str, trainable: bool = False):

@@ -1,0 +1,85 @@
+"""`keel infer`: one-shot query, batch files (resumable), presets, bad input."""
+
+import json
+
+import pytest
+
+from tests.helpers import run_keel
+
+
+def test_query_prints_only_the_answer(capsys, tiny_model_dir):
+    code, out, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--query", "Hi",
+                              "--max_new_tokens", "5", "--stream", "false")
+    assert code == 0
+    assert len(out.strip().splitlines()) <= 1 and "keel" not in out.lower()
+
+
+def test_streamed_query_equals_unstreamed_greedy(capsys, tiny_model_dir):
+    args = ["infer", "--model", tiny_model_dir, "--query", "Who are you?", "--max_new_tokens", "8"]
+    _, streamed, _ = run_keel(capsys, *args, "--stream", "true")
+    _, plain, _ = run_keel(capsys, *args, "--stream", "false")
+    assert streamed.strip() == plain.strip()
+
+
+def test_batch_mode_writes_rows_and_resumes(capsys, tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [{"query": "Hi"}, {"messages": [{"role": "user", "content": "Capital of France?"}]}, {"query": "你好"}]
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n")
+    out = tmp_path / "out.jsonl"
+    code, _, _ = run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src,
+                          "--output_file", out, "--max_new_tokens", "4", "--batch_size", "2")
+    assert code == 0
+    written = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(r["index"] for r in written) == [0, 1, 2]
+    assert all(isinstance(r["response"], str) for r in written)
+    # A rerun keeps what is there and answers nothing twice.
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join(lines[:2]) + "\n")
+    run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src, "--output_file", out,
+             "--max_new_tokens", "4")
+    again = [json.loads(x)["index"] for x in out.read_text().splitlines()]
+    assert sorted(again) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"query": "ok"}\n{"query": "broken"\n', "line 2, column"),
+    ('{"query": "ok"}\n{"text": "no query"}\n', "line 2: needs a field 'query'"),
+    ("", "no rows to answer"),
+])
+def test_bad_input_file_names_the_line(capsys, tiny_model_dir, tmp_path, content, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text(content)
+    code, _, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_utf8_and_missing_input_file(capsys, tiny_model_dir, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"query": "\xff\xfe"}\n')
+    code, _, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src)
+    assert code == 2 and "not UTF-8" in err
+    code, _, err = run_keel(capsys, "infer", "--input_file", tmp_path / "nope.jsonl")
+    assert code == 2 and "does not exist" in err
+
+
+def test_missing_model_path_is_exit_2(capsys):
+    code, _, err = run_keel(capsys, "infer", "--model", "/no/such/model", "--query", "hi")
+    assert code == 2 and err.startswith("keel: error: --model")
+
+
+def test_preset_sets_temperature_unless_given():
+    from keel.flags import parse_flags
+    from keel.generate import GenerateArgs
+    from keel.infer import PRESETS, InferArgs
+
+    parsed = parse_flags(["--preset", "creative"], [InferArgs, GenerateArgs], prog="keel infer")
+    assert "temperature" not in parsed.given and PRESETS["creative"] == 0.8
+    parsed = parse_flags(["--preset", "creative", "--temperature", "0.1"], [InferArgs, GenerateArgs], prog="keel infer")
+    assert "temperature" in parsed.given
+
+
+@pytest.mark.slow
+def test_embedded_model_knows_the_capital_of_france(capsys):
+    code, out, _ = run_keel(capsys, "infer", "--query", "What is the capital of France?",
+                            "--max_new_tokens", "24", "--stream", "false")
+    assert code == 0 and "Paris" in out

@@ -1,0 +1,140 @@
+"""Model resolution: local folders, GGUF files and their cache, hub ids offline, adapters."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel.errors import KeelError
+from keel.model import ModelArgs, load_model, pick_device_dtype, resolve_model_path
+from tests.conftest import build_model, build_tokenizer
+
+
+def test_cpu_defaults_to_float32_and_flag_overrides():
+    device, dtype = pick_device_dtype()
+    if device.type == "cpu":
+        assert dtype == torch.float32
+    assert pick_device_dtype("bfloat16")[1] == torch.bfloat16
+
+
+def test_bad_dtype_names_the_flag():
+    with pytest.raises(KeelError, match="--torch_dtype"):
+        ModelArgs(torch_dtype="float8")
+
+
+def test_local_folder_loads_with_sdpa(tiny_model_dir):
+    model, tok, info = load_model(ModelArgs(model=str(tiny_model_dir)))
+    assert model.config._attn_implementation == "sdpa"
+    assert info.path == str(tiny_model_dir) and info.system is None
+    assert tok.pad_token_id is not None
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("/no/such/folder", "does not exist"),
+    ("./missing-model", "does not exist"),
+    ("NoSuchFamily-7B", "does not exist"),
+])
+def test_missing_paths_are_one_line_errors(spec, message):
+    with pytest.raises(KeelError, match=message):
+        resolve_model_path(spec)
+
+
+def test_folder_without_config_and_non_gguf_file(tmp_path):
+    with pytest.raises(KeelError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(KeelError, match="not a .gguf"):
+        resolve_model_path(str(f))
+
+
+def test_hub_id_offline_says_how_to_pass_a_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(KeelError, match=r"could not fetch 'Qwen/Qwen2.5-7B-Instruct'.*--model /path/to"):
+        resolve_model_path("Qwen2.5-7B-Instruct")  # a bare known name gets its hub org
+
+
+def test_hub_id_found_in_model_mirror(monkeypatch, tmp_path, tiny_model_dir):
+    mirror = tmp_path / "mirror" / "Qwen"
+    mirror.mkdir(parents=True)
+    (mirror / "Qwen2.5-7B-Instruct").symlink_to(tiny_model_dir)
+    monkeypatch.setenv("KEEL_MODEL_DIR", str(tmp_path / "mirror"))
+    path, name = resolve_model_path("Qwen/Qwen2.5-7B-Instruct")
+    assert name == "Qwen/Qwen2.5-7B-Instruct" and Path(path).resolve() == tiny_model_dir.resolve()
+
+
+def test_corrupt_gguf_is_one_line_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(KeelError, match="broken.gguf: not a readable GGUF model"):
+        resolve_model_path(str(bad))
+    assert not any(p.name.startswith(".broken") for p in (tmp_path.parent).rglob(".broken*"))
+
+
+def _make_adapter(base_dir: Path, out: Path, args: dict | None = None) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    peft_model.save_pretrained(out)
+    if args is not None:
+        (out / "args.json").write_text(json.dumps(args))
+    return out
+
+
+def test_adapter_base_model_comes_from_its_args_json(tiny_model_dir, tmp_path):
+    ckpt = _make_adapter(tiny_model_dir, tmp_path / "ckpt",
+                         {"model": str(tiny_model_dir), "system": "You are Keel.", "model_name": ["Keel"]})
+    model, tok, info = load_model(ModelArgs(adapters=[str(ckpt)]))
+    assert info.path == str(tiny_model_dir)
+    assert info.system == "You are Keel." and info.model_name == ["Keel"]
+    from peft import PeftModel
+
+    assert isinstance(model, PeftModel)
+
+
+def test_adapter_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(KeelError, match="no adapter_config.json"):
+        ModelArgs(adapters=[str(tmp_path)])
+    with pytest.raises(KeelError, match="does not exist"):
+        ModelArgs(adapters=[str(tmp_path / "nope")])
+
+
+def test_adapter_from_a_different_base_is_one_line_error(tiny_model_dir, tmp_path):
+    other = tmp_path / "other-base"
+    tok = build_tokenizer()
+    m = build_model("llama", len(tok), tok.eos_token_id)
+    m.config.hidden_size = 32  # a base of another size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**{**m.config.to_dict(), "hidden_size": 32, "intermediate_size": 64})
+    LlamaForCausalLM(cfg).save_pretrained(other)
+    tok.save_pretrained(other)
+    ckpt = _make_adapter(other, tmp_path / "ckpt")
+    with pytest.raises(KeelError, match="different base model"):
+        load_model(ModelArgs(model=str(tiny_model_dir), adapters=[str(ckpt)]))
+
+
+@pytest.mark.slow
+def test_embedded_model_is_dequantized_once_and_cached(tmp_path, monkeypatch):
+    from keel.model import embedded_gguf
+
+    path, name = resolve_model_path(None)
+    assert name == "SmolLM2-135M-Instruct"
+    assert (Path(path) / "config.json").is_file() and (Path(path) / "model.safetensors").is_file()
+    assert resolve_model_path(None)[0] == path  # second call: the cache, not a new folder
+    assert embedded_gguf().name.endswith(".gguf")
+
+
+@pytest.mark.slow
+def test_truncated_gguf_is_one_line_error(tmp_path):
+    from keel.model import embedded_gguf
+
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(embedded_gguf().read_bytes()[: 2_000_000])
+    with pytest.raises(KeelError, match="cut.gguf: not a readable GGUF model"):
+        resolve_model_path(str(cut))
