@@ -1,0 +1,1 @@
+"""Datasets: readers, mixing, placeholders, the identity builder, checks."""

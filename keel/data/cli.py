@@ -1,0 +1,22 @@
+"""`keel data`: dataset tools.
+
+    keel data identity --name NAME --author AUTHOR -o self_cognition.json
+    keel data check self_cognition.json --model_name NAME --model_author AUTHOR
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from keel.errors import KeelError
+
+SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check"}
+
+
+def main(argv: list[str]):
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: keel data {" + ",".join(SUBCOMMANDS) + "} [flags]\n\n" + __doc__)
+        raise SystemExit(0)
+    if argv[0] not in SUBCOMMANDS:
+        raise KeelError(f"keel data: unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)})")
+    importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])

@@ -1,0 +1,167 @@
+"""Read dataset files into Keel's one record shape: {"messages": [{"role", "content"}, ...]}.
+
+    rows = load_records("self_cognition.json")
+
+Files are JSON arrays, JSONL or CSV. The format is detected per file from its first row:
+OpenAI-style `messages`, sharegpt `conversations` (`from`/`value`), alpaca (`instruction`,
+`input`, `output`, optional `system`, `history`) or `query`/`response` (optional `history`,
+`system`). A row that breaks the detected format is an error naming file, row and field.
+Rows are numbered from 1 (the line number in JSONL).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from keel.errors import KeelError, where
+
+ROLES = {"system", "user", "assistant"}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def _text(row: dict, key: str, loc: str, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise KeelError(f"{loc}: field '{key}' is missing")
+        return ""
+    if not isinstance(value, str):
+        raise KeelError(f"{loc}: field '{key}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _history(row: dict, loc: str) -> list[dict]:
+    """alpaca / query-response `history`: [[question, answer], ...]."""
+    hist = row.get("history") or []
+    if not isinstance(hist, list):
+        raise KeelError(f"{loc}: field 'history' must be a list of [question, answer] pairs")
+    out = []
+    for i, pair in enumerate(hist):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise KeelError(f"{loc}: field 'history' item {i} must be a [question, answer] pair of strings")
+        out += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    return out
+
+
+def _finish(system: str, turns: list[dict], loc: str, answer_field: str) -> dict:
+    if not turns or turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
+        raise KeelError(f"{loc}: field '{answer_field}' is empty: the row has no answer to learn")
+    msgs = ([{"role": "system", "content": system}] if system else []) + turns
+    return {"messages": msgs}
+
+
+def alpaca_to_messages(row: dict, loc: str = "row") -> dict:
+    """{"instruction", "input", "output", "system"?, "history"?} -> messages."""
+    instruction = _text(row, "instruction", loc)
+    extra = _text(row, "input", loc, required=False)
+    question = f"{instruction}\n{extra}" if extra.strip() else instruction
+    turns = _history(row, loc) + [{"role": "user", "content": question},
+                                  {"role": "assistant", "content": _text(row, "output", loc)}]
+    return _finish(_text(row, "system", loc, required=False), turns, loc, "output")
+
+
+def query_response_to_messages(row: dict, loc: str = "row") -> dict:
+    """{"query", "response", "history"?, "system"?} -> messages."""
+    turns = _history(row, loc) + [{"role": "user", "content": _text(row, "query", loc)},
+                                  {"role": "assistant", "content": _text(row, "response", loc)}]
+    return _finish(_text(row, "system", loc, required=False), turns, loc, "response")
+
+
+def sharegpt_to_messages(row: dict, loc: str = "row") -> dict:
+    """{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...], "system"?} -> messages."""
+    conv = row.get("conversations")
+    if not isinstance(conv, list) or not conv:
+        raise KeelError(f"{loc}: field 'conversations' must be a non-empty list")
+    turns = []
+    for i, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise KeelError(f"{loc}: field 'conversations' item {i} must be an object")
+        who = _text(turn, "from", f"{loc}: conversations[{i}]")
+        if who not in SHAREGPT_ROLES:
+            raise KeelError(f"{loc}: conversations[{i}]: field 'from' has unknown role '{who}'")
+        turns.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, "value", f"{loc}: conversations[{i}]")})
+    system = _text(row, "system", loc, required=False)
+    if turns[0]["role"] == "system":
+        system, turns = turns[0]["content"], turns[1:]
+    return _finish(system, turns, loc, "conversations")
+
+
+def messages_to_messages(row: dict, loc: str = "row") -> dict:
+    """{"messages": [{"role", "content"}, ...]} checked and copied."""
+    msgs = row.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise KeelError(f"{loc}: field 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise KeelError(f"{loc}: field 'messages' item {i} must be an object")
+        role = _text(m, "role", f"{loc}: messages[{i}]")
+        if role not in ROLES:
+            raise KeelError(f"{loc}: messages[{i}]: field 'role' must be system, user or assistant, got '{role}'")
+        out.append({"role": role, "content": _text(m, "content", f"{loc}: messages[{i}]")})
+    system = ""
+    if out[0]["role"] == "system":
+        system, out = out[0]["content"], out[1:]
+    return _finish(system, out, loc, "messages")
+
+
+# The key that identifies each format, checked in this order.
+CONVERTERS = {"messages": messages_to_messages, "conversations": sharegpt_to_messages,
+              "instruction": alpaca_to_messages, "query": query_response_to_messages}
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Raw rows of a JSON array, JSONL or CSV file; syntax errors give line and column."""
+    path = Path(path)
+    if not path.is_file():
+        raise KeelError(f"{path}: file does not exist")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise KeelError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    except OSError as e:
+        raise KeelError(f"{path}: cannot read: {e.strerror}") from None
+    if not text.strip():
+        raise KeelError(f"{path}: the file is empty")
+    if path.suffix.lower() == ".csv":
+        return list(csv.DictReader(text.splitlines()))
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise KeelError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise KeelError(f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg})") from None
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise KeelError(f"{where(path, n)}: each row must be a JSON object, got {type(row).__name__}")
+    if not rows:
+        raise KeelError(f"{path}: the file holds no rows")
+    return rows
+
+
+def detect_format(row: dict, path) -> str:
+    for key in CONVERTERS:
+        if key in row:
+            return key
+    raise KeelError(f"{where(path, 1)}: unknown format: expected one of the fields "
+                    f"{', '.join(CONVERTERS)} (fields found: {', '.join(sorted(row)) or 'none'})")
+
+
+def load_records(path: str | Path) -> list[dict]:
+    """Every row of a file as {"messages": [...]}; errors name file, row and field."""
+    rows = read_rows(path)
+    key = detect_format(rows[0], path)
+    convert = CONVERTERS[key]
+    return [convert(row, where(path, n)) for n, row in enumerate(rows, 1)]
