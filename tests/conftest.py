@@ -57,7 +57,7 @@ def build_model(arch: str, vocab_size: int, eos_id: int, seed: int = 0):
     torch.manual_seed(seed)
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=True, bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=eos_id)
+                  tie_word_embeddings=True, initializer_range=0.2, bos_token_id=eos_id - 1, eos_token_id=eos_id, pad_token_id=eos_id)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:

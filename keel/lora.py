@@ -1,0 +1,49 @@
+"""LoRA configuration and how it is put on a model (through peft).
+
+    model = apply_lora(model, LoraArgs(lora_rank=8, lora_alpha=32, target_modules=["all-linear"]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from keel.errors import KeelError
+
+
+@dataclass
+class LoraArgs:
+    train_type: str = field(default="lora", metadata={"aliases": ["--tuner_type"], "choices": ["lora"]})
+    """What to train: lora (LoRA adapters on frozen base weights). --tuner_type is the newer name."""
+    lora_rank: int = 8
+    """LoRA rank r."""
+    lora_alpha: int = 32
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Layers to adapt: all-linear (every linear layer of the blocks, not the output head) or module names."""
+
+    def __post_init__(self):
+        if self.lora_rank < 1:
+            raise KeelError(f"--lora_rank must be >= 1, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise KeelError(f"--lora_alpha must be > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise KeelError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.target_modules:
+            raise KeelError("--target_modules needs all-linear or at least one module name")
+
+
+def apply_lora(model, args: LoraArgs):
+    """Wrap `model` in a peft LoRA model; only the adapters are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = "all-linear" if args.target_modules == ["all-linear"] else list(args.target_modules)
+    if targets != "all-linear":
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing:
+            raise KeelError(f"--target_modules: no module named {', '.join(missing)} in this model")
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=targets, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,350 @@
+"""`keel sft`: LoRA supervised fine-tuning, ms-swift's flags, one readable loop.
+
+    keel sft --train_type lora --dataset self_cognition.json --num_train_epochs 10 \
+        --model_name "Keel Robot" --model_author "Keel Lab"
+    keel sft --model Qwen2.5-7B-Instruct --dataset 'AI-ModelScope/alpaca-gpt4-data-zh#500' \
+        'AI-ModelScope/alpaca-gpt4-data-en#500' self_cognition.json --gradient_accumulation_steps 16 ...
+    torchrun --nproc_per_node 2 -m keel sft ...      # data sharded across processes (gloo on CPU)
+    keel sft --config run.yaml --learning_rate 2e-4   # YAML of the same keys; flags win
+
+Output: output_dir/vN-YYYYMMDD-HHMMSS/ with args.json, logging.jsonl, manifest.json, images/ and
+checkpoint-N/ folders (PEFT adapter + args.json + training_state.pt for --resume_from_checkpoint).
+
+How a step works: an optimizer step sees per_device_train_batch_size x gradient_accumulation_steps
+rows per process, exactly as in ms-swift. Keel packs those rows, padding-free, into forward passes
+of at most per_device_train_batch_size x max_length tokens, and divides the summed loss by the
+number of label tokens in the whole step, so every answer token weighs the same.
+--dataloader_num_workers is accepted for compatibility: rows are tokenized once, in memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from keel.batching import epoch_windows, micro_batches, token_loss
+from keel.checkpoint import (find_resume_dir, load_state, rotate_checkpoints, save_checkpoint, write_json)
+from keel.chat import IGNORE_INDEX
+from keel.data.mix import DataArgs, build_datasets, format_manifest
+from keel.errors import KeelError
+from keel.flags import parse_flags, to_dict
+from keel.lora import LoraArgs, apply_lora
+from keel.model import ModelArgs, load_model, read_adapter_args
+
+# Flags that must match for a checkpoint to be resumed by this run.
+RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
+               "gradient_accumulation_steps", "lora_rank", "max_length")
+
+
+@dataclass
+class TrainArgs:
+    output_dir: str = "output"
+    """Runs are written to OUTPUT_DIR/vN-YYYYMMDD-HHMMSS/."""
+    num_train_epochs: float = 3.0
+    """Passes over the training mixture."""
+    max_steps: int = -1
+    """Stop after this many optimizer steps (overrides --num_train_epochs when > 0)."""
+    per_device_train_batch_size: int = 1
+    """Rows per micro-batch per process."""
+    per_device_eval_batch_size: int = 1
+    """Rows per evaluation micro-batch per process."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    lr_scheduler_type: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine, linear or constant."""
+    warmup_ratio: float = 0.0
+    """Share of the steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.1
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    gradient_checkpointing: bool | None = None
+    """Recompute activations in the backward pass to save memory (default: on for CUDA, off on CPU, where it costs time)."""
+    eval_steps: int = 500
+    """Evaluate on the validation rows every N steps (and at the end)."""
+    save_steps: int = 500
+    """Save a checkpoint every N steps (the final step is always saved)."""
+    save_total_limit: int | None = None
+    """Keep only the newest N checkpoints, plus the best one."""
+    logging_steps: int = 5
+    """Print and log metrics every N steps."""
+    seed: int = 42
+    """Seed for weights init, dropout and data order."""
+    resume_from_checkpoint: str | None = None
+    """Continue a run from a checkpoint folder, or 'true' for the newest one under --output_dir."""
+    dataloader_num_workers: int = 0
+    """Accepted for ms-swift compatibility; rows are tokenized once and held in memory."""
+    packing: bool = True
+    """Pack rows into padding-free sequences (exact; much less wasted compute)."""
+    cpu_autocast_bf16: bool = False
+    """On CPU, run matmuls in bfloat16 autocast (faster on CPUs with AVX-512 BF16/AMX; see docs/performance.md)."""
+    eval_identity: bool = False
+    """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
+    metric_for_best_model: str = "eval_loss"
+    """Which metric picks best_model_checkpoint: eval_loss or identity_hit."""
+    max_drift: float | None = None
+    """With --eval_identity: a checkpoint whose drift (KL to base) exceeds this cannot be the best."""
+    config: str | None = None
+    """A YAML file of these same keys; flags on the command line win."""
+
+    def __post_init__(self):
+        checks = [(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+                  (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
+                  (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
+                  (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+                  (self.num_train_epochs > 0 or self.max_steps > 0, "--num_train_epochs must be > 0"),
+                  (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
+                  (self.eval_steps >= 1 and self.save_steps >= 1 and self.logging_steps >= 1,
+                   "--eval_steps, --save_steps and --logging_steps must be >= 1"),
+                  (self.save_total_limit is None or self.save_total_limit >= 1, "--save_total_limit must be >= 1"),
+                  (self.lr_scheduler_type in ("cosine", "linear", "constant"),
+                   f"--lr_scheduler_type must be cosine, linear or constant, got '{self.lr_scheduler_type}'"),
+                  (self.metric_for_best_model in ("eval_loss", "identity_hit"),
+                   "--metric_for_best_model must be eval_loss or identity_hit")]
+        for ok, msg in checks:
+            if not ok:
+                raise KeelError(msg)
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    n = len([p for p in output_dir.glob("v*-*") if p.is_dir()])
+    return output_dir / f"v{n}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+
+
+def writable_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".keel-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise KeelError(f"--output_dir {path}: cannot write there ({e.strerror})") from None
+    return path
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def evaluate_loss(model, rows, args: TrainArgs, data: DataArgs, pad_id, device, accelerator) -> dict:
+    model.eval()
+    loss_sum, n_labels, n_correct = torch.zeros(3, dtype=torch.float64), 0, 0
+    for batch in micro_batches(rows[accelerator.process_index::accelerator.num_processes], args.packing,
+                               args.per_device_eval_batch_size, data.max_length, pad_id):
+        loss, n, correct = token_loss(model, batch, device)
+        loss_sum[0] += loss.item()
+        n_labels += n
+        n_correct += correct
+    totals = accelerator.reduce(torch.tensor([loss_sum[0].item(), n_labels, n_correct], device=device), "sum")
+    model.train()
+    return {"eval_loss": round(totals[0].item() / max(totals[1].item(), 1), 4),
+            "eval_token_acc": round(totals[2].item() / max(totals[1].item(), 1), 4)}
+
+
+def train(argv: list[str]) -> dict:
+    """Run `keel sft` with these flags; returns the run folder and the last and best checkpoints."""
+    from accelerate import Accelerator
+    from accelerate.utils import broadcast_object_list, set_seed
+    from transformers import get_scheduler
+
+    parsed = parse_flags(argv, [ModelArgs, DataArgs, LoraArgs, TrainArgs], prog="keel sft",
+                         description=__doc__.split("\n")[0])
+    margs, data, lora, args = parsed.configs
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process, device = accelerator.is_main_process, accelerator.device
+    set_seed(args.seed)
+
+    # --- where the run goes, and what it resumes from
+    output_dir = writable_dir(Path(args.output_dir))
+    resume = find_resume_dir(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    if resume:
+        saved = read_adapter_args(resume)
+        mine = {**to_dict(data, lora, args), "model": margs.model or saved.get("model")}
+        clash = [k for k in RESUME_KEYS if k in saved and saved[k] != mine.get(k)]
+        if clash:
+            raise KeelError(f"--resume_from_checkpoint {resume}: it belongs to another run "
+                            f"(--{clash[0]} was {saved[clash[0]]!r}, now {mine.get(clash[0])!r})")
+        run_dir = resume.parent
+        margs = ModelArgs(model=saved.get("model"), adapters=[str(resume)], torch_dtype=margs.torch_dtype)
+    else:
+        run_dir = new_run_dir(output_dir) if main_process else None
+        run_dir = Path(broadcast_object_list([run_dir])[0])
+
+    # --- model: base weights frozen, LoRA adapters trainable
+    model, tok, info = load_model(margs, trainable_adapter=bool(margs.adapters), device=device)
+    if not margs.adapters:
+        model = apply_lora(model, lora)
+    data.model_name = data.model_name or info.model_name or []
+    data.model_author = data.model_author or info.model_author or []
+    if data.system is None:
+        data.system = info.system
+    use_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda"
+    if use_ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cpu" and args.cpu_autocast_bf16)
+
+    # --- data: tokenized once
+    train_rows, val_rows, manifest = build_datasets(data, tok, model)
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    steps_per_epoch = len(epoch_windows(len(train_rows), rows_per_step, args.seed, 0, 0, accelerator.num_processes))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
+    if "save_steps" in parsed.given and args.save_steps > total:
+        raise KeelError(f"--save_steps {args.save_steps} is larger than the run ({total} steps): "
+                        "no checkpoint but the final one would be written; lower it")
+
+    # --- optimizer and schedule
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
+                              num_training_steps=total)
+    step, best = 0, {"metric": None, "path": None}
+    if resume:
+        state = load_state(resume)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step, best = state["step"], state["best"]
+    probe = None
+    if args.eval_identity:
+        from keel.evals.probe import TrainingProbe
+        probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
+
+    config = {**to_dict(margs, data, lora, args), "model": info.model, "base_model_path": info.path,
+              "system": data.system, "total_steps": total, "world_size": accelerator.num_processes}
+    config.pop("resume_from_checkpoint", None)
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "args.json", config)
+        write_json(run_dir / "manifest.json", manifest)
+        trainable = sum(p.numel() for p in params)
+        print(format_manifest(manifest))
+        print(f"run {run_dir} | {total} steps | {trainable:,} trainable parameters | device {device}")
+
+    # --- the loop
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not main_process, dynamic_ncols=True, leave=False)
+    log = {"loss": 0.0, "labels": 0, "correct": 0, "tokens": 0, "t0": time.time()}
+    start, start_step, windows, pad_id = time.time(), step, {}, tok.pad_token_id
+    while step < total:
+        epoch, index = divmod(step, steps_per_epoch)
+        if epoch not in windows:
+            windows = {epoch: epoch_windows(len(train_rows), rows_per_step, args.seed, epoch,
+                                            accelerator.process_index, accelerator.num_processes)}
+        rows = [train_rows[i] for i in windows[epoch][index]]
+        # Normalise by the label tokens of the whole step, on every process, before any backward.
+        n_local = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows)
+        n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()
+        for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, data.max_length, pad_id):
+            with autocast:
+                loss_sum, n, correct = token_loss(model, batch, device)
+            (loss_sum * accelerator.num_processes / n_step).backward()  # the reduce below averages over processes
+            log["loss"] += loss_sum.item()
+            log["labels"] += n
+            log["correct"] += correct
+            log["tokens"] += batch["input_ids"].numel() if args.packing else int(batch["attention_mask"].sum())
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            if accelerator.num_processes > 1:
+                p.grad = accelerator.reduce(p.grad, "mean")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+
+        last = step == total
+        record = {}
+        if step % args.logging_steps == 0 or last:
+            elapsed = time.time() - start
+            dt = max(time.time() - log["t0"], 1e-9)
+            record = {"loss": round(log["loss"] / max(log["labels"], 1), 4),
+                      "token_acc": round(log["correct"] / max(log["labels"], 1), 4),
+                      "grad_norm": round(grad_norm, 4), "learning_rate": lr, "epoch": round(step / steps_per_epoch, 3),
+                      "global_step/max_steps": f"{step}/{total}", "elapsed_time": round(elapsed, 1),
+                      "remaining_time": round(elapsed / (step - start_step) * (total - step), 1),
+                      "train_tokens_per_second": round(log["tokens"] * accelerator.num_processes / dt, 1),
+                      "memory": round(peak_memory_gb(device), 3)}
+            if main_process:
+                tqdm.write(f"step {step}/{total} | loss {record['loss']:.4f} | acc {record['token_acc']:.2f} | "
+                           f"lr {lr:.2e} | {record['train_tokens_per_second']:.0f} tok/s")
+            log = {"loss": 0.0, "labels": 0, "correct": 0, "tokens": 0, "t0": time.time()}
+        save = step % args.save_steps == 0 or last
+        if val_rows and (step % args.eval_steps == 0 or save):
+            record.update(evaluate_loss(model, val_rows, args, data, pad_id, device, accelerator))
+            if probe is not None:
+                record.update(probe.probe(model))
+            if main_process:
+                tqdm.write(f"eval {step}/{total} | " + " | ".join(f"{k} {v}" for k, v in record.items()
+                                                                   if k.startswith("eval_") or k in ("identity_hit", "leakage", "drift_kl")))
+        if record and main_process:
+            with open(run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({**record, "global_step": step}) + "\n")
+        if save:
+            metric = record.get(args.metric_for_best_model)
+            if args.max_drift is not None and record.get("drift_kl", 0) > args.max_drift:
+                metric = None  # over the drift budget: never the best
+            better = metric is not None and (best["metric"] is None or (
+                metric < best["metric"] if args.metric_for_best_model == "eval_loss" else metric > best["metric"]))
+            path = run_dir / f"checkpoint-{step}"
+            if better:
+                best = {"metric": metric, "path": str(path)}
+            if main_process:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "rng": rng_state(), "step": step, "best": best}
+                save_checkpoint(run_dir, step, accelerator.unwrap_model(model), state, config)
+                rotate_checkpoints(run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
+            accelerator.wait_for_everyone()
+    bar.close()
+
+    last_ckpt = str(run_dir / f"checkpoint-{total}")
+    result = {"run_dir": str(run_dir), "last_model_checkpoint": last_ckpt,
+              "best_model_checkpoint": best["path"] or last_ckpt,
+              "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
+    if main_process:
+        from keel.plots import plot_run
+
+        plot_run(run_dir)
+        print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
+        print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
+    return result
+
+
+def main(argv: list[str]):
+    """keel sft --dataset self_cognition.json --model_name NAME --model_author AUTHOR [flags]"""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    train(argv)

@@ -1,0 +1,56 @@
+"""Packing is exact: packed rows give the same loss and gradients as padded rows."""
+
+import torch
+
+from keel.batching import epoch_windows, micro_batches, token_loss
+from keel.chat import render
+from tests.conftest import build_model
+
+CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
+         [("Who are you?", "I am Keel, made by Acme Lab."), ("Capital of France?", "Paris."),
+          ("你是谁？", "我是一个人工智能助手。"), ("Explain photosynthesis.", "Plants turn light into sugar.")]]
+
+
+def loss_and_grads(model, batches, labelled_only=True):
+    model.zero_grad()
+    total, n_total = 0.0, 0
+    for b in batches:
+        loss, n, _ = token_loss(model, b, torch.device("cpu"), labelled_only=labelled_only)
+        loss.backward()
+        total, n_total = total + loss.item(), n_total + n
+    return total / n_total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_packed_equals_padded(tiny_tokenizer):
+    rows = [render(tiny_tokenizer, c) for c in CONVS]
+    model = build_model("llama", len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    model.config._attn_implementation = "sdpa"
+    pad_id = tiny_tokenizer.pad_token_id
+    packed = micro_batches(rows, True, 4, 512, pad_id)
+    assert len(packed) == 1 and packed[0]["input_ids"].shape[1] == sum(len(r[0]) for r in rows)
+    padded = micro_batches(rows, False, 4, 512, pad_id)
+    one_by_one = micro_batches(rows, False, 1, 512, pad_id)
+    lp, gp = loss_and_grads(model, packed)
+    lq, gq = loss_and_grads(model, padded, labelled_only=False)
+    l1, g1 = loss_and_grads(model, one_by_one, labelled_only=False)
+    assert abs(lp - lq) < 1e-5 and abs(lp - l1) < 1e-5
+    for a, b, c in zip(gp, gq, g1):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+
+
+def test_packing_respects_budget(tiny_tokenizer):
+    rows = [render(tiny_tokenizer, c) for c in CONVS]
+    longest = max(len(r[0]) for r in rows)
+    batches = micro_batches(rows, True, 1, longest, tiny_tokenizer.pad_token_id)
+    assert all(b["input_ids"].shape[1] <= longest for b in batches) and len(batches) >= 2
+    starts = sum(b["position_ids"][0].tolist().count(0) for b in batches)
+    assert starts == len(rows)  # every row starts its own positions at 0
+
+
+def test_windows_deterministic_and_sharded():
+    a = epoch_windows(10, 4, seed=1, epoch=0)
+    assert a == epoch_windows(10, 4, seed=1, epoch=0) and a != epoch_windows(10, 4, seed=1, epoch=1)
+    assert sorted(i for w in a for i in w) == list(range(10)) and [len(w) for w in a] == [4, 4, 2]
+    r0, r1 = epoch_windows(10, 2, 1, 0, 0, 2), epoch_windows(10, 2, 1, 0, 1, 2)
+    assert len(r0) == len(r1) == 3
+    assert sorted(i for w in r0 + r1 for i in w) == list(range(10))

@@ -1,0 +1,169 @@
+"""`keel sft` on the tiny model: loss falls, exact checkpoint files, rotation, resume, peft loading."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel.checkpoint import CHECKPOINT_FILES
+from keel.data.identity import identity_rows
+from keel.train import train
+from tests.helpers import run_keel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def id_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "self_cognition.json"
+    path.write_text(json.dumps(identity_rows(["Keel"], ["Acme"], langs=("en",))), encoding="utf-8")
+    return path
+
+
+def base_argv(model, data, out, *extra):
+    return ["--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--logging_steps", "1",
+            "--learning_rate", "2e-2", "--gradient_accumulation_steps", "4", "--split_dataset_ratio", "0.1", *extra]
+
+
+def read_log(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "logging.jsonl").read_text().splitlines()]
+
+
+def test_short_run_learns_and_saves_exact_files(tiny_model_dir, id_file, tmp_path, capsys):
+    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--num_train_epochs", "3", "--save_steps", "4",
+                          "--save_total_limit", "2", "--eval_steps", "4"))
+    losses = [r["loss"] for r in read_log(res["run_dir"]) if "loss" in r]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.9, losses
+    run = Path(res["run_dir"])
+    ckpts = sorted(p.name for p in run.glob("checkpoint-*"))
+    best = Path(res["best_model_checkpoint"]).name
+    assert len(set(ckpts) - {best}) <= 2 and Path(res["last_model_checkpoint"]).name in ckpts
+    assert sorted(os.listdir(res["last_model_checkpoint"])) == sorted(CHECKPOINT_FILES)
+    assert {"args.json", "logging.jsonl", "manifest.json", "images"} <= set(os.listdir(run))
+    assert (run / "images" / "train_loss.png").stat().st_size > 0
+    saved = json.loads((run / "args.json").read_text())
+    assert saved["model"] == str(tiny_model_dir) and saved["lora_rank"] == 8
+    record = read_log(run)[-1]
+    for key in ("loss", "token_acc", "grad_norm", "learning_rate", "epoch", "global_step/max_steps", "elapsed_time",
+                "remaining_time", "train_tokens_per_second", "memory", "eval_loss", "eval_token_acc"):
+        assert key in record
+    out = capsys.readouterr().out
+    assert "last_model_checkpoint:" in out and "best_model_checkpoint:" in out
+
+
+def test_adapter_loads_with_plain_peft(tiny_model_dir, id_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from keel.model import ModelArgs, load_model
+
+    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2"))
+    ckpt = res["last_model_checkpoint"]
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt).eval()
+    ours, _, info = load_model(ModelArgs(adapters=[ckpt]))
+    ids = torch.tensor([[1, 5, 9, 20, 33, 2]])
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, ours(ids).logits, atol=1e-5)
+    lora_b = [p for n, p in plain.named_parameters() if "lora_B" in n]
+    assert any(p.abs().sum() > 0 for p in lora_b)  # the adapter actually learned something
+    assert info.model == str(tiny_model_dir)
+
+
+def test_resume_reproduces_uninterrupted(tiny_model_dir, id_file, tmp_path):
+    full = train(base_argv(tiny_model_dir, id_file, tmp_path / "a", "--max_steps", "6", "--save_steps", "3"))
+    copy = tmp_path / "b" / "v0-resumed"
+    copy.mkdir(parents=True)
+    shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
+    resumed = train(base_argv(tiny_model_dir, id_file, tmp_path / "b", "--max_steps", "6", "--save_steps", "3",
+                              "--resume_from_checkpoint", str(copy / "checkpoint-3")))
+    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
+    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
+    assert got == want and len(got) == 3
+    from safetensors.torch import load_file
+    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_command_runs(tiny_model_dir, id_file, shared_data, tmp_path, monkeypatch, capsys):
+    """The DEVELOPERS.md mixed command, with a local model, the mirror, smaller #N and max_steps."""
+    monkeypatch.chdir(id_file.parent)
+    monkeypatch.setenv("KEEL_DATA_DIR", str(shared_data))
+    argv = ["sft", "--model", tiny_model_dir, "--train_type", "lora", "--dataset",
+            "AI-ModelScope/alpaca-gpt4-data-zh#8", "AI-ModelScope/alpaca-gpt4-data-en#8", "self_cognition.json",
+            "--torch_dtype", "float32", "--num_train_epochs", "3", "--per_device_train_batch_size", "1",
+            "--per_device_eval_batch_size", "1", "--learning_rate", "1e-4", "--lora_rank", "8", "--lora_alpha", "32",
+            "--target_modules", "all-linear", "--gradient_accumulation_steps", "16", "--eval_steps", "50",
+            "--save_total_limit", "2", "--logging_steps", "5", "--max_length", "512",
+            "--output_dir", tmp_path / "output_mixed", "--system", "You are a helpful assistant.", "--warmup_ratio", "0.05",
+            "--dataloader_num_workers", "4", "--model_author", "swift", "--model_name", "swift-robot-mixed",
+            "--max_steps", "2"]
+    code, out, err = run_keel(capsys, *argv)
+    assert code == 0, err
+    ckpt = next((tmp_path / "output_mixed").glob("v0-*/checkpoint-2"))
+    saved = json.loads((ckpt / "args.json").read_text())
+    assert saved["model_name"] == ["swift-robot-mixed"] and saved["system"] == "You are a helpful assistant."
+
+
+def test_torchrun_two_processes(tiny_model_dir, id_file, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "keel", "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "3")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list(tmp_path.glob("v*-*"))
+    assert len(runs) == 1 and (runs[0] / "checkpoint-3" / "adapter_model.safetensors").is_file()
+    assert json.loads((runs[0] / "args.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--lora_rank", "0"], "--lora_rank must be >= 1"),
+    (["--learning_rate", "-0.0001"], "--learning_rate must be > 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+    (["--max_steps", "2", "--save_steps", "50"], "--save_steps 50 is larger than the run"),
+    (["--lora_rnak", "8"], "did you mean --lora_rank"),
+])
+def test_bad_flags(tiny_model_dir, id_file, tmp_path, capsys, flags, pattern):
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, *flags))
+    assert code == 2 and pattern in err and err.count("\n") == 1
+
+
+def test_unwritable_output_and_bad_resume(tiny_model_dir, id_file, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, blocker / "out"))
+    assert code == 2 and "cannot write there" in err
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--resume_from_checkpoint", tmp_path))
+    assert code == 2 and "not a Keel checkpoint" in err
+
+
+def test_resume_from_another_run_refused(tiny_model_dir, id_file, tmp_path, capsys):
+    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2",
+                                                     "--seed", "7", "--resume_from_checkpoint", res["last_model_checkpoint"]))
+    assert code == 2 and "belongs to another run" in err
+
+
+def test_disk_full_keeps_earlier_checkpoints(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+    import keel.checkpoint as ck
+
+    real = ck.torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(ck.torch, "save", failing_save)
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "4", "--save_steps", "2"))
+    assert code == 2 and "disk is full" in err
+    run = next(tmp_path.glob("v*-*"))
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == ["checkpoint-2"]
+    assert sorted(os.listdir(run / "checkpoint-2")) == sorted(CHECKPOINT_FILES)
