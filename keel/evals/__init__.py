@@ -1,0 +1,1 @@
+"""Evaluation tasks: identity, leakage, multiple choice, drift; and the probes used while training."""
