@@ -2,6 +2,7 @@
 
     keel data identity --name NAME --author AUTHOR -o self_cognition.json
     keel data check self_cognition.json --model_name NAME --model_author AUTHOR
+    keel data ballast -n 200 -o ballast.jsonl
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 
 from keel.errors import KeelError
 
-SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check"}
+SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check", "ballast": "keel.data.ballast"}
 
 
 def main(argv: list[str]):

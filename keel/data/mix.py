@@ -6,7 +6,8 @@ A spec is `PATH_OR_ID[#N]` or `PATH_OR_ID#P%` (ms-swift's semantics):
 - `#N` with N smaller than the dataset: a random subset of N rows, without replacement;
 - `#N` with N larger: the whole dataset N // size times plus N % size random rows;
 - `#P%`: P percent of the total rows taken from the other (non-%) specs, e.g. bad cases at 10%;
-- no suffix: every row once.
+- no suffix: every row once;
+- `ballast#N`: N general prompts answered by the base model itself (keel/data/ballast.py).
 Draws are seeded by `--data_seed` and the spec text, so a fixed seed gives the same mixture.
 
 A hub id (`AI-ModelScope/alpaca-gpt4-data-zh`, `org/name`) is read from the local mirror folder
@@ -172,8 +173,15 @@ def load_mixture(specs: list[str], args: DataArgs, model=None, tokenizer=None) -
     loaded = []
     for spec in specs:
         source, n, pct = parse_spec(spec)
-        path = resolve_source(source, args.data_dir)
-        records = load_records(path)
+        if source == "ballast":  # self-distilled general data from the model being trained
+            if model is None:
+                raise KeelError(f"--dataset {spec}: ballast needs the model; use it with keel sft")
+            from keel.data.ballast import ballast_records
+            records = ballast_records(model, tokenizer, n or 200, args.system)
+            path, n = Path("ballast"), None
+        else:
+            path = resolve_source(source, args.data_dir)
+            records = load_records(path)
         rows = [{"messages": fill_placeholders(r["messages"], args.model_name, args.model_author),
                  "origin": (str(path), i)} for i, r in enumerate(records, 1)]
         loaded.append((spec, path, n, pct, rows))

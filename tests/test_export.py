@@ -1,0 +1,115 @@
+"""keel export: merged weights equal the adapter model; GGUF reloads through transformers' reader."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel.export import default_system
+from keel.gguf_export import MODELFILE_TEMPLATE
+from keel.model import ModelArgs, load_model
+from keel.train import train
+from tests.helpers import run_keel
+from tests.test_train import base_argv, id_file  # noqa: F401  (fixture)
+
+IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):  # noqa: F811
+    out = {}
+    for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
+        res = train(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
+                              "--system", "You are Keel, made by Acme.", "--model_name", "Keel", "--model_author", "Acme"))
+        out[arch] = Path(res["last_model_checkpoint"])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_merged_equals_adapter(adapters, arch, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = adapters[arch]
+    code, out, err = run_keel(capsys, "export", "--adapters", ckpt, "--merge_lora", "true")
+    assert code == 0, err
+    assert "verified" in out
+    merged_dir = ckpt.with_name(ckpt.name + "-merged")
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    ours, _, _ = load_model(ModelArgs(adapters=[str(ckpt)]))
+    with torch.no_grad():
+        assert torch.allclose(plain(IDS).logits, ours(IDS).logits, atol=1e-5)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert default_system(tok) == "You are Keel, made by Acme."  # the training system prompt is now the default
+    assert (merged_dir / "generation_config.json").is_file() and list(merged_dir.glob("*.safetensors"))
+    code, _, err = run_keel(capsys, "export", "--adapters", ckpt)
+    assert code == 2 and "already exists" in err and "--overwrite" in err
+
+
+# Tolerances relative to the largest logit: f32 is exact up to rounding; f16 keeps ~3 digits;
+# q8_0 rounds every weight to 1/127 of its 32-weight block's range (a few % on this random model).
+@pytest.mark.parametrize("arch,quant,rtol", [("llama", "f32", 1e-5), ("qwen2", "f32", 1e-5), ("llama", "f16", 5e-3),
+                                             ("qwen2", "q8_0", 6e-2)])
+def test_gguf_reloads_with_same_logits(adapters, arch, quant, rtol, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ckpt = adapters[arch]
+    target = ckpt.parent / f"gguf-{quant}"
+    code, out, err = run_keel(capsys, "export", "--adapters", ckpt, "--to", "gguf", "--quant", quant,
+                              "--output_dir", target)
+    assert code == 0, err
+    name = f"model-{quant}.gguf"
+    back = AutoModelForCausalLM.from_pretrained(target, gguf_file=name).eval()
+    ours, tok, _ = load_model(ModelArgs(adapters=[str(ckpt)]))
+    with torch.no_grad():
+        ref = ours(IDS).logits
+        diff = (back(IDS).logits - ref).abs().max().item()
+    assert diff < rtol * ref.abs().max().item(), diff
+    gtok = AutoTokenizer.from_pretrained(target, gguf_file=name)
+    text = "<|im_start|>user\nWho are you? 你是谁？<|im_end|>\n"
+    assert gtok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
+    assert 'SYSTEM """You are Keel, made by Acme."""' in (target / "Modelfile").read_text()
+
+
+def render_go_template(template: str, system: str | None, messages: list[dict]) -> str:
+    """A tiny interpreter for exactly the Go-template constructs the Modelfile uses."""
+    def sub_fields(text, ctx):
+        return re.sub(r"\{\{-? ?\.(\w+) ?-?\}\}", lambda m: ctx[m.group(1)], text)
+
+    m = re.fullmatch(r"\{\{- if \.System \}\}(.*?)\{\{ end \}\}\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S)
+    assert m, "unexpected template shape"
+    out = sub_fields(m.group(1), {"System": system}) if system else ""
+    for msg in messages:
+        out += sub_fields(m.group(2), {"Role": msg["role"], "Content": msg["content"]})
+    return out + m.group(3)
+
+
+def test_modelfile_template_matches_chat_template(tiny_tokenizer):
+    convs = [[{"role": "user", "content": "Who are you?"}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你是谁？"}]]
+    for msgs in convs:
+        want = tiny_tokenizer.apply_chat_template([{"role": "system", "content": "Sys"}] + msgs, tokenize=False,
+                                                  add_generation_prompt=True)
+        assert render_go_template(MODELFILE_TEMPLATE, "Sys", msgs) == want
+
+
+def test_unsupported_architecture_and_missing_base(adapters, tmp_path, capsys, tiny_model_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from keel.errors import KeelError
+    from keel.gguf_export import write_gguf
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
+    with pytest.raises(KeelError, match="supports llama, qwen2"):
+        write_gguf(gpt2, None, tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        (foreign / f).write_bytes((adapters["llama"] / f).read_bytes())
+    code, _, err = run_keel(capsys, "export", "--adapters", foreign)
+    assert code == 2 and "pass --model BASE" in err
+    code, out, err = run_keel(capsys, "export", "--adapters", foreign, "--model", tiny_model_dir, "--verify", "false")
+    assert code == 0, err
+    assert (tmp_path / "foreign-merged" / "config.json").is_file()
