@@ -71,11 +71,11 @@ def pad(rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -
     return out
 
 
-def micro_batches(rows, packing: bool, batch_size: int, max_length: int, pad_id: int) -> list[dict]:
-    """The forward passes for one window of rows; packed ones hold up to batch_size * max_length tokens."""
+def micro_batches(rows, packing: bool, batch_size: int, pack_tokens: int, pad_id: int) -> list[dict]:
+    """The forward passes for one window of rows: packed ones of up to pack_tokens tokens, or padded batches."""
     if not rows:
         return []
-    return pack(rows, batch_size * max_length) if packing else pad(rows, batch_size, pad_id)
+    return pack(rows, pack_tokens) if packing else pad(rows, batch_size, pad_id)
 
 
 def token_loss(model, batch: dict, device, labelled_only: bool = True):

@@ -48,6 +48,8 @@ class RecipeArgs:
     """Learning rate (default: 2e-4 on CPU with accumulation 4; 1e-4 with accumulation 16 on GPU)."""
     seed: int = 42
     """Training seed."""
+    dataset: list[str] = field(default_factory=list)
+    """More training data to mix in (dataset specs, e.g. alpaca_en_demo.json#100)."""
     mc_files: list[str] = field(default_factory=list)
     """Multiple-choice JSONL files to score base and tuned on (e.g. ../shared/data/eval/arc_easy.jsonl)."""
     limit: int = 200
@@ -101,7 +103,7 @@ def main(argv: list[str]):
     data.write_text(json.dumps(identity_rows(args.name, args.author), ensure_ascii=False, indent=1), encoding="utf-8")
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]
-    sft = ["--dataset", str(data)] + ([f"ballast#{ballast}"] if ballast else [])
+    sft = ["--dataset", str(data)] + ([f"ballast#{ballast}"] if ballast else []) + list(args.dataset)
     sft += ["--model_name", *args.name, "--model_author", *args.author, "--output_dir", str(out / "output"),
             "--num_train_epochs", str(args.num_train_epochs or defaults["num_train_epochs"]),
             "--learning_rate", str(args.learning_rate or defaults["learning_rate"]),
@@ -124,7 +126,7 @@ def main(argv: list[str]):
     tuned_scores, samples = evaluate(model, tok, args, system, references, mc_sets)
     results = {"base": {**base_scores, "drift_kl": 0.0}, "tuned": tuned_scores}
     wall = round(time.time() - start, 1)
-    write_report(out / "report", results, samples, {"checkpoint": ckpt, "wall_seconds": wall,
+    write_report(out / "report", results, samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
                                                     "train_seconds": result["train_seconds"], "sft_argv": sft})
 
     print("\n== answers before -> after ==")

@@ -103,3 +103,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not beside this checkout")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def embedded_identity_adapter(tmp_path_factory):
+    """A short identity fine-tune of the embedded model (English rows, ~1 minute), trained once per
+    session and shared by the slow tests of training and export."""
+    import json
+
+    from keel.data.identity import identity_rows
+    from keel.train import train
+
+    root = tmp_path_factory.mktemp("embedded-identity")
+    data = root / "self_cognition.json"
+    data.write_text(json.dumps(identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",))), encoding="utf-8")
+    os.environ.setdefault("KEEL_CACHE", os.environ.get("KEEL_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "keel-cache"))
+    res = train(["--dataset", str(data), "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
+                 "--learning_rate", "3e-4", "--split_dataset_ratio", "0", "--output_dir", str(root / "out"),
+                 "--model_name", "Keel Robot", "--model_author", "Keel Lab", "--logging_steps", "10"])
+    return Path(res["last_model_checkpoint"])

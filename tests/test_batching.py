@@ -35,7 +35,7 @@ def test_packed_equals_padded(tiny_tokenizer):
     l1, g1 = loss_and_grads(model, one_by_one, labelled_only=False)
     assert abs(lp - lq) < 1e-5 and abs(lp - l1) < 1e-5
     for a, b, c in zip(gp, gq, g1):
-        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(a, c, atol=1e-5)
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5) and torch.allclose(a, c, rtol=1e-4, atol=1e-5)
 
 
 def test_packing_respects_budget(tiny_tokenizer):

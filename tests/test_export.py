@@ -113,3 +113,20 @@ def test_unsupported_architecture_and_missing_base(adapters, tmp_path, capsys, t
     code, out, err = run_keel(capsys, "export", "--adapters", foreign, "--model", tiny_model_dir, "--verify", "false")
     assert code == 0, err
     assert (tmp_path / "foreign-merged" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_embedded_merged_and_gguf_keep_identity(embedded_identity_adapter, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from keel.generate import GenerateArgs, answer
+
+    _, tok, _ = load_model(ModelArgs(adapters=[str(embedded_identity_adapter)]))
+    for args, loader in ((["--output_dir", tmp_path / "merged"], lambda d: AutoModelForCausalLM.from_pretrained(d)),
+                         (["--to", "gguf", "--quant", "q8_0", "--output_dir", tmp_path / "gguf"],
+                          lambda d: AutoModelForCausalLM.from_pretrained(d, gguf_file="model-q8_0.gguf"))):
+        code, out, err = run_keel(capsys, "export", "--adapters", embedded_identity_adapter, *args)
+        assert code == 0, err + out
+        model = loader(args[-1]).eval()
+        reply = answer(model, tok, [{"role": "user", "content": "Who are you?"}], GenerateArgs(max_new_tokens=24))
+        assert "Keel Robot" in reply or "Keel Lab" in reply, reply

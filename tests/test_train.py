@@ -167,3 +167,18 @@ def test_disk_full_keeps_earlier_checkpoints(tiny_model_dir, id_file, tmp_path, 
     run = next(tmp_path.glob("v*-*"))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".checkpoint", "checkpoint"))) == ["checkpoint-2"]
     assert sorted(os.listdir(run / "checkpoint-2")) == sorted(CHECKPOINT_FILES)
+
+
+@pytest.mark.slow
+def test_embedded_model_learns_identity(embedded_identity_adapter):
+    """Held-out phrasings (not in the training rows) name the new identity after a short run."""
+    from keel.evals.identity import is_identity_hit
+    from keel.generate import GenerateArgs, generate_batch
+    from keel.model import ModelArgs, load_model
+
+    model, tok, _ = load_model(ModelArgs(adapters=[str(embedded_identity_adapter)]))
+    questions = ["May I ask what you're called?", "Identify yourself.", "Which organisation is behind you?"]
+    answers = generate_batch(model, tok, [[{"role": "user", "content": q}] for q in questions],
+                             GenerateArgs(temperature=0.0, max_new_tokens=32))
+    hits = [is_identity_hit(a, ["Keel Robot"], ["Keel Lab"]) for a in answers]
+    assert sum(hits) >= 2, answers

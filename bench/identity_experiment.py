@@ -1,0 +1,55 @@
+"""The ballast experiment (docs/experiment.md): identity alone vs + Alpaca demo vs + self-distilled ballast.
+
+    python bench/identity_experiment.py --seeds 42 --limit 200
+
+Each arm is one `keel recipe identity` run on the embedded model (same identity data, same training
+settings); only the general data mixed in differs. Prints one Markdown table and writes JSON.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ARMS = {"identity only": ["--ballast", "0"],
+        "+ alpaca demo (200)": ["--ballast", "0", "--dataset", f"{SHARED}/alpaca_zh_demo.json#100",
+                                f"{SHARED}/alpaca_en_demo.json#100"],
+        "+ self-distilled ballast (200)": ["--ballast", "200"]}
+SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm", "piqa_acc_norm"]
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seeds", type=int, nargs="+", default=[42])
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--out", default="/tmp/keel-experiment")
+    a = p.parse_args()
+    rows = []
+    for seed in a.seeds:
+        for arm, flags in ARMS.items():
+            out = Path(a.out) / f"{arm.split()[1] if arm != 'identity only' else 'alone'}-{seed}"
+            cmd = [sys.executable, "-m", "keel", "recipe", "identity", "--name", "Keel Robot", "--author", "Keel Lab",
+                   "--output_dir", str(out), "--seed", str(seed), "--limit", str(a.limit), "--mc_files",
+                   f"{SHARED}/eval/arc_easy.jsonl", f"{SHARED}/eval/piqa.jsonl", *flags]
+            start = time.time()
+            subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            report = json.loads((out / "report" / "eval_report.json").read_text())
+            rows.append({"arm": arm, "seed": seed, "wall_s": round(time.time() - start),
+                         "train_s": report["meta"]["train_seconds"], "base": report["results"]["base"],
+                         "tuned": report["results"]["tuned"]})
+            print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
+    Path(a.out, "experiment.json").write_text(json.dumps(rows, indent=2))
+    print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
+    print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
+    print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")
+    for r in rows:
+        print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
+              + f" | {r['train_s']} | {r['wall_s']} |")
+
+
+if __name__ == "__main__":
+    main()
