@@ -1,0 +1,69 @@
+"""`keel deploy`: an OpenAI-compatible server with a web chat that records 👍/👎 feedback.
+
+    keel deploy --adapters output/v0-.../checkpoint-102            # http://127.0.0.1:8000/
+    keel deploy --host 0.0.0.0 --api_key SECRET --feedback_db feedback.sqlite
+    curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Who are you?"}]}'
+
+Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /health,
+POST /v1/feedback {id, rating: up|down, correction?}, and the chat page at /.
+Ratings go to a SQLite database; `keel feedback export` turns corrected bad answers into rows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.errors import KeelError
+from keel.flags import parse_flags
+from keel.model import ModelArgs, cache_root, load_model
+
+
+@dataclass
+class DeployArgs:
+    host: str = "127.0.0.1"
+    """Address to listen on. Anything but loopback needs --api_key."""
+    port: int = 8000
+    """Port to listen on."""
+    api_key: str | None = None
+    """Require `Authorization: Bearer KEY` on /v1/ requests (default: $KEEL_API_KEY)."""
+    feedback_db: str | None = None
+    """SQLite file for answers and ratings (default: feedback.sqlite beside the adapter, else in the cache)."""
+    served_model_name: str | None = None
+    """The model id reported by /v1/models (default: the adapter's folder name, else the model name)."""
+
+    def __post_init__(self):
+        self.api_key = self.api_key or os.environ.get("KEEL_API_KEY") or None
+        if not 0 < self.port < 65536:
+            raise KeelError(f"--port must be 1..65535, got {self.port}")
+        if not is_loopback(self.host) and not self.api_key:
+            raise KeelError(f"--host {self.host} is reachable from other machines: set --api_key (or KEEL_API_KEY) first")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv: list[str]):
+    """keel deploy [--adapters CKPT | --model M] [--host 127.0.0.1] [--port 8000] [--api_key KEY]"""
+    import uvicorn
+
+    from keel.deploy.server import create_app
+    from keel.feedback import FeedbackStore
+
+    margs, args = parse_flags(argv, [ModelArgs, DeployArgs], prog="keel deploy", description=__doc__.split("\n")[0]).configs
+    db = Path(args.feedback_db) if args.feedback_db else (
+        Path(margs.adapters[-1]).resolve().parent / "feedback.sqlite" if margs.adapters else cache_root() / "feedback.sqlite")
+    store = FeedbackStore(db)
+    model, tok, info = load_model(margs)
+    name = args.served_model_name or (Path(margs.adapters[-1]).name if margs.adapters else info.name)
+    app = create_app(model, tok, info, api_key=args.api_key, store=store, model_id=name)
+    print(f"keel deploy: http://{args.host}:{args.port}/  (model {name}, feedback {db})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

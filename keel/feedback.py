@@ -1,0 +1,144 @@
+"""The feedback store (SQLite, WAL) and `keel feedback export`: bad cases back into training.
+
+    keel feedback export --db feedback.sqlite -o bad_cases.jsonl            # corrected 👎 answers
+    keel feedback export --db feedback.sqlite --since 2026-11-01 --include_good true -o rounds/r2.jsonl
+    keel sft --dataset self_cognition.json bad_cases.jsonl#10% ...          # the next round
+
+Every answer the server gives is recorded with its conversation; a rating (👍/👎, optional
+correction) refers to it by id. Each write is committed before the server replies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.errors import KeelError
+from keel.flags import parse_flags
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS completions (id TEXT PRIMARY KEY, created TEXT, model TEXT, system TEXT,
+                                        messages TEXT, answer TEXT);
+CREATE TABLE IF NOT EXISTS feedback (id INTEGER PRIMARY KEY AUTOINCREMENT, completion_id TEXT, rating TEXT,
+                                     correction TEXT, created TEXT);
+"""
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class FeedbackStore:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.lock = threading.Lock()
+        existed = self.path.is_file() and self.path.stat().st_size > 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, check_same_thread=False)
+            if existed:
+                ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
+                if ok != "ok":
+                    raise sqlite3.DatabaseError(ok)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            raise KeelError(f"--feedback_db {self.path}: not a readable feedback database ({e}); "
+                            "it was left untouched: move it away or pass another --feedback_db") from None
+
+    def record_completion(self, cid: str, model: str, system: str | None, messages: list[dict], answer: str):
+        with self.lock:
+            self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?)",
+                            (cid, now(), model, system, json.dumps(messages, ensure_ascii=False), answer))
+            self.db.commit()
+
+    def add_feedback(self, cid: str, rating: str, correction: str | None) -> bool:
+        """Store a rating; False if the completion id is unknown."""
+        with self.lock:
+            if self.db.execute("SELECT 1 FROM completions WHERE id = ?", (cid,)).fetchone() is None:
+                return False
+            self.db.execute("INSERT INTO feedback (completion_id, rating, correction, created) VALUES (?, ?, ?, ?)",
+                            (cid, rating, correction or None, now()))
+            self.db.commit()
+        return True
+
+    def ratings(self, since: str | None = None) -> list[dict]:
+        query = ("SELECT f.completion_id, f.rating, f.correction, f.created, c.model, c.system, c.messages, c.answer "
+                 "FROM feedback f JOIN completions c ON c.id = f.completion_id")
+        params: tuple = ()
+        if since:
+            query += " WHERE f.created >= ?"
+            params = (since,)
+        keys = ("id", "rating", "correction", "created", "model", "system", "messages", "answer")
+        with self.lock:
+            rows = [dict(zip(keys, r)) for r in self.db.execute(query + " ORDER BY f.id", params)]
+        for r in rows:
+            r["messages"] = json.loads(r["messages"])
+        return rows
+
+
+def training_rows(ratings: list[dict], only: str | None, include_good: bool) -> tuple[list[dict], list[dict]]:
+    """(rows in the messages format, bad ratings without a correction)."""
+    rows, missing = [], []
+    for r in ratings:
+        convo = list(r["messages"])
+        if r["system"] and not (convo and convo[0]["role"] == "system"):
+            convo = [{"role": "system", "content": r["system"]}] + convo
+        if r["rating"] == "down" and only != "good":
+            if r["correction"]:
+                rows.append({"messages": convo + [{"role": "assistant", "content": r["correction"]}]})
+            else:
+                missing.append(r)
+        elif r["rating"] == "up" and (include_good or only == "good") and only != "bad":
+            rows.append({"messages": convo + [{"role": "assistant", "content": r["answer"]}]})
+    return rows, missing
+
+
+@dataclass
+class FeedbackExportArgs:
+    db: str = ""
+    """The feedback database written by keel deploy."""
+    since: str | None = None
+    """Only ratings from this date on (YYYY-MM-DD)."""
+    only: str | None = None
+    """bad or good: only that kind of rating."""
+    include_good: bool = False
+    """Also turn 👍 answers into training rows."""
+    output: str = "bad_cases.jsonl"
+    """Where to write the rows (messages JSONL)."""
+
+    def __post_init__(self):
+        if not self.db or not Path(self.db).is_file():
+            raise KeelError(f"--db: feedback database '{self.db}' does not exist")
+        if self.only not in (None, "bad", "good"):
+            raise KeelError(f"--only must be bad or good, got '{self.only}'")
+        if self.since:
+            try:
+                datetime.date.fromisoformat(self.since)
+            except ValueError:
+                raise KeelError(f"--since must be a date like 2026-11-01, got '{self.since}'") from None
+
+
+def main(argv: list[str]):
+    """keel feedback export --db FILE [--since DATE] [--only bad] [--include_good true] -o bad_cases.jsonl"""
+    if not argv or argv[0] != "export":
+        raise KeelError("usage: keel feedback export --db FILE [-o bad_cases.jsonl]")
+    argv = ["--output" if a == "-o" else a for a in argv[1:]]
+    (args,) = parse_flags(argv, [FeedbackExportArgs], prog="keel feedback export").configs
+    ratings = FeedbackStore(args.db).ratings(args.since)
+    rows, missing = training_rows(ratings, args.only, args.include_good)
+    out = Path(args.output)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    os.replace(tmp, out)
+    print(f"wrote {len(rows)} training rows to {out} from {len(ratings)} ratings; "
+          f"{len(missing)} bad rating(s) have no correction:")
+    for r in missing:
+        question = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")
+        print(f"  {r['id']}  Q: {' '.join(question.split())[:80]}  A: {' '.join(r['answer'].split())[:80]}")
