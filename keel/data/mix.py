@@ -179,6 +179,8 @@ def load_mixture(specs: list[str], args: DataArgs, model=None, tokenizer=None) -
             from keel.data.ballast import ballast_records
             records = ballast_records(model, tokenizer, n or 200, args.system)
             path, n = Path("ballast"), None
+            if not records:
+                raise KeelError(f"--dataset {spec}: the base model's answers were all unusable; no ballast rows")
         else:
             path = resolve_source(source, args.data_dir)
             records = load_records(path)
