@@ -1,9 +1,10 @@
 """The ballast experiment (docs/experiment.md): identity alone vs + Alpaca demo vs + self-distilled ballast.
 
-    python bench/identity_experiment.py --seeds 42 --limit 200
+    python bench/identity_experiment.py --seeds 42 43 --limit 500
 
 Each arm is one `keel recipe identity` run on the embedded model (same identity data, same training
-settings); only the general data mixed in differs. Prints one Markdown table and writes JSON.
+settings); only the general data mixed in differs. The base model is scored once, in the first run.
+Prints one Markdown table and writes JSON.
 """
 
 import argparse
@@ -25,7 +26,7 @@ SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[42])
-    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--limit", type=int, default=500)
     p.add_argument("--out", default="/tmp/keel-experiment")
     a = p.parse_args()
     rows = []
@@ -34,15 +35,17 @@ def main():
             out = Path(a.out) / f"{arm.split()[1] if arm != 'identity only' else 'alone'}-{seed}"
             cmd = [sys.executable, "-m", "keel", "recipe", "identity", "--name", "Keel Robot", "--author", "Keel Lab",
                    "--output_dir", str(out), "--seed", str(seed), "--limit", str(a.limit), "--mc_files",
-                   f"{SHARED}/eval/arc_easy.jsonl", f"{SHARED}/eval/piqa.jsonl", *flags]
+                   f"{SHARED}/eval/arc_easy.jsonl", f"{SHARED}/eval/piqa.jsonl", "--eval_base", str(not rows).lower(),
+                   *flags]
             start = time.time()
             subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
             report = json.loads((out / "report" / "eval_report.json").read_text())
             rows.append({"arm": arm, "seed": seed, "wall_s": round(time.time() - start),
-                         "train_s": report["meta"]["train_seconds"], "base": report["results"]["base"],
+                         "train_s": report["meta"]["train_seconds"], "base": report["results"].get("base"),
                          "tuned": report["results"]["tuned"]})
+            # Written after every run so an interrupted experiment keeps what it measured.
+            Path(a.out, "experiment.json").write_text(json.dumps(rows, indent=2))
             print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
-    Path(a.out, "experiment.json").write_text(json.dumps(rows, indent=2))
     print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
     print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
     print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")

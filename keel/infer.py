@@ -58,20 +58,10 @@ class InferArgs:
 
 def read_queries(path: str) -> list[list[dict]]:
     """Read a JSONL of {"query": str} or {"messages": [...]} rows into conversations."""
+    from keel.data.formats import parse_jsonl, read_text
+
     convs = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise KeelError(f"{path}: not UTF-8 text") from None
-    except OSError as e:
-        raise KeelError(f"{path}: cannot read ({e.strerror})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KeelError(f"{path}: line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
+    for n, row in parse_jsonl(read_text(path), path):
         if isinstance(row, dict) and isinstance(row.get("query"), str):
             convs.append([{"role": "user", "content": row["query"]}])
         elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:

@@ -54,6 +54,8 @@ class RecipeArgs:
     """Multiple-choice JSONL files to score base and tuned on (e.g. ../shared/data/eval/arc_easy.jsonl)."""
     limit: int = 200
     """Items per multiple-choice file."""
+    eval_base: bool = True
+    """Also score the base model (false skips it when the base was already scored, e.g. in an experiment)."""
 
     def __post_init__(self):
         for flag in ("name", "author"):
@@ -120,11 +122,11 @@ def main(argv: list[str]):
     convs = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS]
     with base_context(model):
         before = generate_batch(model, tok, convs, gen)
-        base_scores, _ = evaluate(model, tok, args, system, None, mc_sets)
+        base_scores = evaluate(model, tok, args, system, None, mc_sets)[0] if args.eval_base else {}
     references = base_answers(model, tok, system, DRIFT_PROMPTS)
     after = generate_batch(model, tok, convs, gen)
     tuned_scores, samples = evaluate(model, tok, args, system, references, mc_sets)
-    results = {"base": {**base_scores, "drift_kl": 0.0}, "tuned": tuned_scores}
+    results = {"base": {**base_scores, "drift_kl": 0.0}, "tuned": tuned_scores} if args.eval_base else {"tuned": tuned_scores}
     wall = round(time.time() - start, 1)
     write_report(out / "report", results, samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
                                                     "train_seconds": result["train_seconds"], "sft_argv": sft})

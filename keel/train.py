@@ -134,7 +134,8 @@ def new_run_dir(output_dir: Path) -> Path:
 def writable_dir(path: Path) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".keel-write-test"
+        # One probe per process: under torchrun every rank checks the same folder at once.
+        probe = path / f".keel-write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:

@@ -106,6 +106,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def id_file(tmp_path_factory):
+    """English identity rows (Keel, made by Acme) for short training runs on the tiny models."""
+    import json
+
+    from keel.data.identity import identity_rows
+
+    path = tmp_path_factory.mktemp("data") / "self_cognition.json"
+    path.write_text(json.dumps(identity_rows(["Keel"], ["Acme"], langs=("en",))), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def embedded_identity_adapter(tmp_path_factory):
     """A short identity fine-tune of the embedded model (English rows, ~1 minute), trained once per
     session and shared by the slow tests of training and export."""

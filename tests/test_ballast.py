@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from keel.data.ballast import ballast_records, builtin_prompts, finish
 from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets

@@ -1,7 +1,6 @@
 """keel deploy with the official openai client against a live server on the tiny model."""
 
 import asyncio
-import json
 import socket
 import sqlite3
 import threading

@@ -9,9 +9,8 @@ from keel.evals.identity import is_identity_hit, mentions
 from keel.evals.mc import read_mc_file, score_mc
 from keel.errors import KeelError
 from keel.model import ModelArgs, load_model
-from tests.helpers import run_keel
-from tests.test_train import base_argv, id_file, read_log  # noqa: F401  (fixture)
 from keel.train import train
+from tests.helpers import base_argv, read_log, run_keel
 
 
 def test_identity_scoring_cases():
@@ -57,7 +56,7 @@ def test_bad_mc_files(tmp_path, line, pattern):
         read_mc_file(str(path))
 
 
-def test_eval_report_and_base_comparison(tiny_model_dir, id_file, tmp_path, capsys):  # noqa: F811
+def test_eval_report_and_base_comparison(tiny_model_dir, id_file, tmp_path, capsys):
     res = train(base_argv(tiny_model_dir, id_file, tmp_path / "run", "--max_steps", "2", "--model_name", "Keel",
                           "--model_author", "Acme"))
     mc = tmp_path / "mc.jsonl"
@@ -79,7 +78,7 @@ def test_eval_needs_identity(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "--model_name" in err and err.count("\n") == 1
 
 
-def test_training_probe_logged(tiny_model_dir, id_file, tmp_path):  # noqa: F811
+def test_training_probe_logged(tiny_model_dir, id_file, tmp_path):
     res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--eval_steps", "1",
                           "--eval_identity", "true", "--model_name", "Keel", "--model_author", "Acme",
                           "--metric_for_best_model", "identity_hit"))

@@ -1,6 +1,5 @@
 """keel export: merged weights equal the adapter model; GGUF reloads through transformers' reader."""
 
-import json
 import re
 from pathlib import Path
 
@@ -11,14 +10,13 @@ from keel.export import default_system
 from keel.gguf_export import MODELFILE_TEMPLATE
 from keel.model import ModelArgs, load_model
 from keel.train import train
-from tests.helpers import run_keel
-from tests.test_train import base_argv, id_file  # noqa: F401  (fixture)
+from tests.helpers import base_argv, run_keel
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):  # noqa: F811
+def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
     out = {}
     for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
         res = train(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",

@@ -11,27 +11,10 @@ import pytest
 import torch
 
 from keel.checkpoint import CHECKPOINT_FILES
-from keel.data.identity import identity_rows
 from keel.train import train
-from tests.helpers import run_keel
+from tests.helpers import base_argv, read_log, run_keel
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def id_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "self_cognition.json"
-    path.write_text(json.dumps(identity_rows(["Keel"], ["Acme"], langs=("en",))), encoding="utf-8")
-    return path
-
-
-def base_argv(model, data, out, *extra):
-    return ["--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--logging_steps", "1",
-            "--learning_rate", "2e-2", "--gradient_accumulation_steps", "4", "--split_dataset_ratio", "0.1", *extra]
-
-
-def read_log(run_dir):
-    return [json.loads(line) for line in (Path(run_dir) / "logging.jsonl").read_text().splitlines()]
 
 
 def test_short_run_learns_and_saves_exact_files(tiny_model_dir, id_file, tmp_path, capsys):
@@ -115,7 +98,7 @@ def test_torchrun_two_processes(tiny_model_dir, id_file, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "keel", "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "3")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)[-3000:]
     runs = list(tmp_path.glob("v*-*"))
     assert len(runs) == 1 and (runs[0] / "checkpoint-3" / "adapter_model.safetensors").is_file()
     assert json.loads((runs[0] / "args.json").read_text())["world_size"] == 2
@@ -182,3 +165,17 @@ def test_embedded_model_learns_identity(embedded_identity_adapter):
                              GenerateArgs(temperature=0.0, max_new_tokens=32))
     hits = [is_identity_hit(a, ["Keel Robot"], ["Keel Lab"]) for a in answers]
     assert sum(hits) >= 2, answers
+
+
+def test_two_stage_continues_an_adapter(tiny_model_dir, id_file, tmp_path):
+    """Stage 2 starts from stage 1's adapter (the seed's two-stage recipe); the base comes from its args.json."""
+    from safetensors.torch import load_file
+
+    first = train(base_argv(tiny_model_dir, id_file, tmp_path / "s1", "--max_steps", "2"))
+    second = train(["--adapters", first["last_model_checkpoint"], "--dataset", str(id_file), "--output_dir",
+                    str(tmp_path / "s2"), "--max_steps", "2", "--learning_rate", "2e-2", "--split_dataset_ratio", "0"])
+    saved = json.loads((Path(second["run_dir"]) / "args.json").read_text())
+    assert saved["model"] == str(tiny_model_dir)
+    a = load_file(Path(first["last_model_checkpoint"]) / "adapter_model.safetensors")
+    b = load_file(Path(second["last_model_checkpoint"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)

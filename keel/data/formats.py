@@ -70,42 +70,34 @@ def query_response_to_messages(row: dict, loc: str = "row") -> dict:
     return _finish(_text(row, "system", loc, required=False), turns, loc, "response")
 
 
-def sharegpt_to_messages(row: dict, loc: str = "row") -> dict:
-    """{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...], "system"?} -> messages."""
-    conv = row.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise KeelError(f"{loc}: field 'conversations' must be a non-empty list")
+def _turns(row: dict, key: str, role_key: str, content_key: str, roles: dict, loc: str) -> dict:
+    """A list of turns under `key` (sharegpt or OpenAI style) -> messages, checked field by field."""
+    items = row.get(key)
+    if not isinstance(items, list) or not items:
+        raise KeelError(f"{loc}: field '{key}' must be a non-empty list")
     turns = []
-    for i, turn in enumerate(conv):
+    for i, turn in enumerate(items):
         if not isinstance(turn, dict):
-            raise KeelError(f"{loc}: field 'conversations' item {i} must be an object")
-        who = _text(turn, "from", f"{loc}: conversations[{i}]")
-        if who not in SHAREGPT_ROLES:
-            raise KeelError(f"{loc}: conversations[{i}]: field 'from' has unknown role '{who}'")
-        turns.append({"role": SHAREGPT_ROLES[who], "content": _text(turn, "value", f"{loc}: conversations[{i}]")})
+            raise KeelError(f"{loc}: field '{key}' item {i} must be an object")
+        who = _text(turn, role_key, f"{loc}: {key}[{i}]")
+        if who not in roles:
+            raise KeelError(f"{loc}: {key}[{i}]: field '{role_key}' has unknown role '{who}' "
+                            f"(expected {', '.join(sorted(set(roles)))})")
+        turns.append({"role": roles[who], "content": _text(turn, content_key, f"{loc}: {key}[{i}]")})
     system = _text(row, "system", loc, required=False)
     if turns[0]["role"] == "system":
         system, turns = turns[0]["content"], turns[1:]
-    return _finish(system, turns, loc, "conversations")
+    return _finish(system, turns, loc, key)
+
+
+def sharegpt_to_messages(row: dict, loc: str = "row") -> dict:
+    """{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...], "system"?} -> messages."""
+    return _turns(row, "conversations", "from", "value", SHAREGPT_ROLES, loc)
 
 
 def messages_to_messages(row: dict, loc: str = "row") -> dict:
     """{"messages": [{"role", "content"}, ...]} checked and copied."""
-    msgs = row.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise KeelError(f"{loc}: field 'messages' must be a non-empty list")
-    out = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise KeelError(f"{loc}: field 'messages' item {i} must be an object")
-        role = _text(m, "role", f"{loc}: messages[{i}]")
-        if role not in ROLES:
-            raise KeelError(f"{loc}: messages[{i}]: field 'role' must be system, user or assistant, got '{role}'")
-        out.append({"role": role, "content": _text(m, "content", f"{loc}: messages[{i}]")})
-    system = ""
-    if out[0]["role"] == "system":
-        system, out = out[0]["content"], out[1:]
-    return _finish(system, out, loc, "messages")
+    return _turns(row, "messages", "role", "content", {r: r for r in ROLES}, loc)
 
 
 # The key that identifies each format, checked in this order.
@@ -113,17 +105,36 @@ CONVERTERS = {"messages": messages_to_messages, "conversations": sharegpt_to_mes
               "instruction": alpaca_to_messages, "query": query_response_to_messages}
 
 
-def read_rows(path: str | Path) -> list[dict]:
-    """Raw rows of a JSON array, JSONL or CSV file; syntax errors give line and column."""
+def parse_jsonl(text: str, path) -> list[tuple[int, object]]:
+    """(line number, value) for every non-blank line; a broken line is an error naming line and column."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise KeelError(f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def read_text(path: str | Path) -> str:
+    """A file's text; missing, unreadable or non-UTF-8 files are one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise KeelError(f"{path}: file does not exist")
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise KeelError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
     except OSError as e:
         raise KeelError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Raw rows of a JSON array, JSONL or CSV file; syntax errors give line and column."""
+    path = Path(path)
+    text = read_text(path)
     if not text.strip():
         raise KeelError(f"{path}: the file is empty")
     if path.suffix.lower() == ".csv":
@@ -135,14 +146,7 @@ def read_rows(path: str | Path) -> list[dict]:
         except json.JSONDecodeError as e:
             raise KeelError(f"{path}: line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
     else:
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise KeelError(f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg})") from None
+        rows = [row for _, row in parse_jsonl(text, path)]
     for n, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise KeelError(f"{where(path, n)}: each row must be a JSON object, got {type(row).__name__}")

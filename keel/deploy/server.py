@@ -29,6 +29,14 @@ def error(status: int, message: str, param: str | None = None, kind: str = "inva
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
 
 
+async def read_json(request: Request):
+    """The parsed body, or a 400 response saying it is not JSON."""
+    try:
+        return await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return error(400, "the request body is not valid JSON")
+
+
 def context_length(model, tokenizer) -> int:
     return int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
 
@@ -118,10 +126,9 @@ def create_app(model, tokenizer, info, api_key: str | None = None, store=None, m
 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "the request body is not valid JSON")
+        body = await read_json(request)
+        if isinstance(body, JSONResponse):
+            return body
         parsed = parse_request(body, ctx, tokenizer, system)
         if isinstance(parsed, JSONResponse):
             return parsed
@@ -162,10 +169,9 @@ def create_app(model, tokenizer, info, api_key: str | None = None, store=None, m
 
     @app.post("/v1/feedback")
     async def feedback(request: Request):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "the request body is not valid JSON")
+        body = await read_json(request)
+        if isinstance(body, JSONResponse):
+            return body
         if not isinstance(body, dict) or not isinstance(body.get("id"), str):
             return error(400, "'id' (the chat completion id) is required", "id")
         if body.get("rating") not in ("up", "down"):

@@ -10,12 +10,12 @@ with the highest summed log-probability; acc_norm divides it by the choice's len
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from keel.chat import encode_text
+from keel.data.formats import parse_jsonl, read_text
 from keel.errors import KeelError
 from keel.generate import model_device
 
@@ -26,13 +26,7 @@ def read_mc_file(path: str, limit: int | None = None) -> list[dict]:
     if not p.is_file():
         raise KeelError(f"--mc_files: '{path}' does not exist")
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise KeelError(f"{path}: line {n}, column {e.colno}: invalid JSON ({e.msg})") from None
+    for n, row in parse_jsonl(read_text(p), path):
         if not isinstance(row, dict):
             raise KeelError(f"{path}: line {n}: each line must be a JSON object")
         if not isinstance(row.get("query"), str):
