@@ -57,8 +57,8 @@ class TrainArgs:
     """Rows per micro-batch per process."""
     per_device_eval_batch_size: int = 1
     """Rows per evaluation micro-batch per process."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches per optimizer step."""
+    gradient_accumulation_steps: int | None = None
+    """Micro-batches per optimizer step (default, as ms-swift: ceil(16 / batch size / processes))."""
     learning_rate: float = 1e-4
     """Peak learning rate (AdamW)."""
     lr_scheduler_type: str = "cosine"
@@ -101,6 +101,10 @@ class TrainArgs:
     """A YAML file of these same keys; flags on the command line win."""
 
     def __post_init__(self):
+        if self.gradient_accumulation_steps is None:
+            # ms-swift's default: about 16 rows per optimizer step whatever the batch size and process count.
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            self.gradient_accumulation_steps = max(1, math.ceil(16 / self.per_device_train_batch_size / world))
         checks = [(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
                   (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
                   (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),

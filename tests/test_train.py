@@ -179,3 +179,13 @@ def test_two_stage_continues_an_adapter(tiny_model_dir, id_file, tmp_path):
     a = load_file(Path(first["last_model_checkpoint"]) / "adapter_model.safetensors")
     b = load_file(Path(second["last_model_checkpoint"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("batch,world,expected", [(1, "1", 16), (4, "1", 4), (1, "2", 8), (32, "1", 1)])
+def test_default_accumulation_follows_ms_swift(batch, world, expected, monkeypatch):
+    """Left unset, accumulation gives about 16 rows per optimizer step, as `swift sft` does."""
+    from keel.train import TrainArgs
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    assert TrainArgs(per_device_train_batch_size=batch).gradient_accumulation_steps == expected
+    assert TrainArgs(gradient_accumulation_steps=3).gradient_accumulation_steps == 3
