@@ -17,9 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 ARMS = {"identity only": ["--ballast", "0"],
+        "+ self-distilled ballast (200)": ["--ballast", "200"],
         "+ alpaca demo (200)": ["--ballast", "0", "--dataset", f"{SHARED}/alpaca_zh_demo.json#100",
-                                f"{SHARED}/alpaca_en_demo.json#100"],
-        "+ self-distilled ballast (200)": ["--ballast", "200"]}
+                                f"{SHARED}/alpaca_en_demo.json#100"]}
 SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm", "piqa_acc_norm"]
 
 
