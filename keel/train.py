@@ -37,7 +37,7 @@ from keel.chat import IGNORE_INDEX
 from keel.data.mix import DataArgs, build_datasets, format_manifest
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
-from keel.lora import LoraArgs, apply_lora
+from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
 from keel.model import ModelArgs, load_model, read_adapter_args
 
 # Flags that must match for a checkpoint to be resumed by this run.
@@ -211,6 +211,7 @@ def train(argv: list[str]) -> dict:
     model, tok, info = load_model(margs, trainable_adapter=bool(margs.adapters), device=device)
     if not margs.adapters:
         model = apply_lora(model, lora)
+    use_cheap_dropout(model)  # new, resumed or continued adapter alike, so a resumed run draws the same masks
     data.model_name = data.model_name or info.model_name or []
     data.model_author = data.model_author or info.model_author or []
     if data.system is None:
