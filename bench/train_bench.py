@@ -1,6 +1,6 @@
 """Side-by-side training benchmark: `keel sft` vs a plain transformers Trainer + peft baseline.
 
-    python bench/train_bench.py                 # identity and mixed jobs, embedded model, CPU
+    python bench/train_bench.py                 # identity, mixed and seed50x10 jobs, embedded model, CPU
     python bench/train_bench.py --quick         # a smoke run (few rows)
     python bench/train_bench.py --jobs identity --out bench/results.json
 
@@ -33,9 +33,13 @@ def job_specs(quick: bool, workdir: Path) -> dict:
     ident = workdir / "self_cognition.json"
     rows = identity_rows(["Keel Robot"], ["Keel Lab"])
     ident.write_text(json.dumps(rows[:24] if quick else rows, ensure_ascii=False), encoding="utf-8")
+    seed_ident = workdir / "self_cognition_50.json"
+    seed_ident.write_text(json.dumps(rows[:12] if quick else rows[:50], ensure_ascii=False), encoding="utf-8")
     n = 8 if quick else 100
     return {
         "identity": {"dataset": [str(ident)], "epochs": 1 if quick else 3, "max_length": 2048},
+        # the seed's pure identity run at the issue's size: 50 rows x 10 epochs (target: <= 3 min wall)
+        "seed50x10": {"dataset": [str(seed_ident)], "epochs": 2 if quick else 10, "max_length": 2048},
         "mixed": {"dataset": [f"{SHARED}/alpaca_zh_demo.json#{n}", f"{SHARED}/alpaca_en_demo.json#{n}", str(ident)],
                   "epochs": 1, "max_length": 512},
     }
@@ -101,7 +105,7 @@ def matmul_peak() -> dict:
 def main():
     p = argparse.ArgumentParser(description="Keel vs Trainer+peft, same jobs, one invocation.")
     p.add_argument("--quick", action="store_true", help="a smoke run on a few rows")
-    p.add_argument("--jobs", default="identity,mixed")
+    p.add_argument("--jobs", default="identity,mixed,seed50x10")
     p.add_argument("--batch", type=int, default=1, help="per-device batch (the seed uses 1)")
     p.add_argument("--accum", type=int, default=16, help="gradient accumulation (the seed uses 16)")
     p.add_argument("--keel_flags", default="", help="extra keel sft flags, e.g. '--cpu_autocast_bf16 true'")
