@@ -4,7 +4,7 @@
 
 Each arm is one `keel recipe identity` run on the embedded model (same identity data, same training
 settings); only the general data mixed in differs. The base model is scored once, in the first run.
-Prints one Markdown table and writes JSON.
+Prints one Markdown table and writes JSON; rerun the same command to resume an interrupted experiment.
 """
 
 import argparse
@@ -29,9 +29,13 @@ def main():
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--out", default="/tmp/keel-experiment")
     a = p.parse_args()
-    rows = []
+    saved = Path(a.out, "experiment.json")
+    # Rerunning the same command resumes: finished (arm, seed) runs are kept, not repeated.
+    rows = json.loads(saved.read_text()) if saved.exists() else []
     for seed in a.seeds:
         for arm, flags in ARMS.items():
+            if any(r["arm"] == arm and r["seed"] == seed for r in rows):
+                continue
             out = Path(a.out) / f"{arm.split()[1] if arm != 'identity only' else 'alone'}-{seed}"
             cmd = [sys.executable, "-m", "keel", "recipe", "identity", "--name", "Keel Robot", "--author", "Keel Lab",
                    "--output_dir", str(out), "--seed", str(seed), "--limit", str(a.limit), "--mc_files",
@@ -44,7 +48,7 @@ def main():
                          "train_s": report["meta"]["train_seconds"], "base": report["results"].get("base"),
                          "tuned": report["results"]["tuned"]})
             # Written after every run so an interrupted experiment keeps what it measured.
-            Path(a.out, "experiment.json").write_text(json.dumps(rows, indent=2))
+            saved.write_text(json.dumps(rows, indent=2))
             print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
     print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
     print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
