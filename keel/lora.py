@@ -51,6 +51,21 @@ def apply_lora(model, args: LoraArgs):
     return get_peft_model(model, config)
 
 
+class _MaskedScale(torch.autograd.Function):
+    """x * keep * scale that keeps only the bool mask for backward (1 byte per element, not a float copy)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return x * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep * ctx.scale, None, None
+
+
 class CheapDropout(torch.nn.Module):
     """Dropout whose mask costs a quarter of the random draws of nn.Dropout.
 
@@ -71,7 +86,7 @@ class CheapDropout(torch.nn.Module):
         n = x.numel()
         draws = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64)
         keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
-        return x * (keep.to(x.dtype) * (1.0 / (1.0 - self.p)))   # one multiply on x: cheaper backward
+        return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
