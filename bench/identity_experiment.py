@@ -23,15 +23,27 @@ ARMS = {"identity only": ["--ballast", "0"],
 SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm", "piqa_acc_norm"]
 
 
+def print_table(rows: list[dict]):
+    print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
+    print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
+    print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")
+    for r in rows:
+        print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
+              + f" | {r['train_s']} | {r['wall_s']} |")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seeds", type=int, nargs="+", default=[42])
     p.add_argument("--limit", type=int, default=500)
     p.add_argument("--out", default="/tmp/keel-experiment")
+    p.add_argument("--table_only", action="store_true", help="print the table of the runs saved in --out, run nothing")
     a = p.parse_args()
     saved = Path(a.out, "experiment.json")
     # Rerunning the same command resumes: finished (arm, seed) runs are kept, not repeated.
     rows = json.loads(saved.read_text()) if saved.exists() else []
+    if a.table_only:
+        return print_table(rows)
     for seed in a.seeds:
         for arm, flags in ARMS.items():
             if any(r["arm"] == arm and r["seed"] == seed for r in rows):
@@ -50,13 +62,7 @@ def main():
             # Written after every run so an interrupted experiment keeps what it measured.
             saved.write_text(json.dumps(rows, indent=2))
             print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
-    print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
-    print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
-    print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")
-    for r in rows:
-        print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
-              + f" | {r['train_s']} | {r['wall_s']} |")
-
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
