@@ -26,7 +26,7 @@ def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_merged_equals_adapter(adapters, arch, capsys):
+def test_merged_equals_adapter(adapters, arch, tiny_model_dir, tiny_qwen_dir, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = adapters[arch]
@@ -36,8 +36,16 @@ def test_merged_equals_adapter(adapters, arch, capsys):
     merged_dir = ckpt.with_name(ckpt.name + "-merged")
     plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     ours, _, _ = load_model(ModelArgs(adapters=[str(ckpt)]))
+    base = AutoModelForCausalLM.from_pretrained({"llama": tiny_model_dir, "qwen2": tiny_qwen_dir}[arch]).eval()
     with torch.no_grad():
-        assert torch.allclose(plain(IDS).logits, ours(IDS).logits, atol=1e-5)
+        merged, adapted, before = plain(IDS).logits, ours(IDS).logits, base(IDS).logits  # (1, T, V)
+    # Merging rounds W + s*BA once in fp32 instead of adding s*B(Ax) on every call, so the two agree to
+    # rounding (relative to the logit scale), far closer than the adapter moved them from the base
+    # (a merge that dropped the alpha/r scaling or a module would miss by about that much).
+    err, moved, scale = ((merged - adapted).abs().max(), (adapted - before).abs().max(), adapted.abs().max())
+    with capsys.disabled():
+        print(f"merge error {err:.2e}, adapter moved logits {moved:.2e}, logit scale {scale:.2f}")
+    assert err <= 1e-4 * scale and moved >= 100 * err
     tok = AutoTokenizer.from_pretrained(merged_dir)
     assert default_system(tok) == "You are Keel, made by Acme."  # the training system prompt is now the default
     assert (merged_dir / "generation_config.json").is_file() and list(merged_dir.glob("*.safetensors"))
