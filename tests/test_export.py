@@ -53,9 +53,9 @@ def test_merged_equals_adapter(adapters, arch, tiny_model_dir, tiny_qwen_dir, ca
     assert code == 2 and "already exists" in err and "--overwrite" in err
 
 
-# Tolerances relative to the largest logit: f32 is exact up to rounding; f16 keeps ~3 digits;
+# Tolerances relative to the largest logit: f32 is exact up to rounding (merged W + s*BA, as above); f16 keeps ~3 digits;
 # q8_0 rounds every weight to 1/127 of its 32-weight block's range (a few % on this random model).
-@pytest.mark.parametrize("arch,quant,rtol", [("llama", "f32", 1e-5), ("qwen2", "f32", 1e-5), ("llama", "f16", 5e-3),
+@pytest.mark.parametrize("arch,quant,rtol", [("llama", "f32", 1e-4), ("qwen2", "f32", 1e-4), ("llama", "f16", 5e-3),
                                              ("qwen2", "q8_0", 6e-2)])
 def test_gguf_reloads_with_same_logits(adapters, arch, quant, rtol, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
