@@ -21,15 +21,29 @@ ARMS = {"identity only": ["--ballast", "0"],
         "+ alpaca demo (200)": ["--ballast", "0", "--dataset", f"{SHARED}/alpaca_zh_demo.json#100",
                                 f"{SHARED}/alpaca_en_demo.json#100"]}
 SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm", "piqa_acc_norm"]
+# General prompts whose greedy answers show forgetting and leakage that the scores summarise.
+PROBES = ["What is the capital of France?", "Name three primary colors.", "一年有几个季节？", "三加五等于几？"]
 
 
-def print_table(rows: list[dict]):
+def run_dir(out: str, arm: str, seed: int) -> Path:
+    return Path(out) / f"{arm.split()[1] if arm != 'identity only' else 'alone'}-{seed}"
+
+
+def print_table(rows: list[dict], out: str):
     print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
     print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
     print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")
     for r in rows:
         print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
               + f" | {r['train_s']} | {r['wall_s']} |")
+    print("\n| prompt | arm | seed | tuned answer (greedy, training system prompt) |\n| --- | --- | --- | --- |")
+    for q in PROBES:
+        for r in rows:
+            samples = json.loads((run_dir(out, r["arm"], r["seed"]) / "report" / "eval_report.json").read_text())
+            for s in samples["samples"]:
+                if s["task"] == "leakage" and s["q"] == q:
+                    a = " ".join(s["a"].split()).replace("|", "/")[:90]
+                    print(f"| {q} | {r['arm']} | {r['seed']} | {a}{' (leak)' if s['leak'] else ''} |")
 
 
 def main():
@@ -43,12 +57,12 @@ def main():
     # Rerunning the same command resumes: finished (arm, seed) runs are kept, not repeated.
     rows = json.loads(saved.read_text()) if saved.exists() else []
     if a.table_only:
-        return print_table(rows)
+        return print_table(rows, a.out)
     for seed in a.seeds:
         for arm, flags in ARMS.items():
             if any(r["arm"] == arm and r["seed"] == seed for r in rows):
                 continue
-            out = Path(a.out) / f"{arm.split()[1] if arm != 'identity only' else 'alone'}-{seed}"
+            out = run_dir(a.out, arm, seed)
             cmd = [sys.executable, "-m", "keel", "recipe", "identity", "--name", "Keel Robot", "--author", "Keel Lab",
                    "--output_dir", str(out), "--seed", str(seed), "--limit", str(a.limit), "--mc_files",
                    f"{SHARED}/eval/arc_easy.jsonl", f"{SHARED}/eval/piqa.jsonl", "--eval_base", str(not rows).lower(),
@@ -62,7 +76,7 @@ def main():
             # Written after every run so an interrupted experiment keeps what it measured.
             saved.write_text(json.dumps(rows, indent=2))
             print(f"done: {arm} seed {seed}", file=sys.stderr, flush=True)
-    print_table(rows)
+    print_table(rows, a.out)
 
 if __name__ == "__main__":
     main()
