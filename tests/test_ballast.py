@@ -2,12 +2,15 @@
 
 import json
 
+import pytest
+
 from keel.data.ballast import ballast_records, builtin_prompts, finish
 from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets
 from keel.evals.drift import DRIFT_PROMPTS
 from keel.evals.identity import HELD_OUT, LEAKAGE, OLD_IDENTITY, mentions
-from keel.model import ModelArgs, load_model
+from keel.generate import generate_batch
+from keel.model import ModelArgs, cache_root, load_model
 from tests.helpers import run_keel
 
 IDENTITY_WORDS = ["who are you", "your name", "你是谁", "你叫什么", "who made you", "who created you", "开发了你"]
@@ -41,6 +44,34 @@ def test_generation_cache_and_spec(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("keel.generate.generate_batch", lambda *a, **k: calls.append(1) or [])
     again = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=8)
     assert again == rows and not calls  # second run: all from the cache
+
+
+def test_interrupted_generation_is_kept(tiny_model_dir, monkeypatch):
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    prompts = [f"Name a colour, take {i}." for i in range(6)]
+    calls = []
+    real = generate_batch
+
+    def stop_after_one_batch(model, tok, convs, gen, batch_size):
+        if calls:
+            raise KeyboardInterrupt  # the user stops the run during the second batch
+        calls.append([c[-1]["content"] for c in convs])
+        return real(model, tok, convs, gen, batch_size=batch_size)
+
+    monkeypatch.setattr("keel.generate.generate_batch", stop_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        ballast_records(model, tok, 6, "Be quick.", prompts=prompts, max_new_tokens=6, batch_size=2)
+    first = calls[0]
+    cache = next(f for f in (cache_root() / "ballast").glob("*.jsonl") if first[0] in f.read_text())
+    with open(cache, "a") as f:
+        f.write('{"prompt": "Name a colour, take')  # a line cut by the kill
+    asked = []
+    monkeypatch.setattr("keel.generate.generate_batch",
+                        lambda model, tok, convs, gen, batch_size: asked.extend(c[-1]["content"] for c in convs)
+                        or ["Blue."] * len(convs))
+    rows = ballast_records(model, tok, 6, "Be quick.", prompts=prompts, max_new_tokens=6, batch_size=2)
+    assert sorted(asked) == sorted(set(prompts) - set(first))  # the finished batch is reused, not regenerated
+    assert {r["messages"][1]["content"] for r in rows} >= set(prompts) - set(first)
 
 
 def test_cli_prompts_file_and_too_many(tiny_model_dir, tmp_path, capsys):
