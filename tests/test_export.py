@@ -121,6 +121,21 @@ def test_unsupported_architecture_and_missing_base(adapters, tmp_path, capsys, t
     assert (tmp_path / "foreign-merged" / "config.json").is_file()
 
 
+def test_disk_full_leaves_nothing_half_written(adapters, capsys, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    ckpt = adapters["qwen2"]
+    target = ckpt.parent / "full-disk"
+
+    def no_space(*args, **kwargs):  # the weights are written, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", no_space)
+    code, _, err = run_keel(capsys, "export", "--adapters", ckpt, "--output_dir", target, "--verify", "false")
+    assert code == 2 and f"could not write {target}: No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert not target.exists() and not list(ckpt.parent.glob(".full-disk*"))  # no partial folder, no temp left
+
+
 @pytest.mark.slow
 def test_embedded_merged_and_gguf_keep_identity(embedded_identity_adapter, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
