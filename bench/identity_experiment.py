@@ -20,7 +20,7 @@ ARMS = {"identity only": ["--ballast", "0"],
         "+ self-distilled ballast (200)": ["--ballast", "200"],
         "+ alpaca demo (200)": ["--ballast", "0", "--dataset", f"{SHARED}/alpaca_zh_demo.json#100",
                                 f"{SHARED}/alpaca_en_demo.json#100"]}
-SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "arc_easy_acc_norm", "piqa_acc_norm"]
+SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "drift_nll", "arc_easy_acc_norm", "piqa_acc_norm"]
 # General prompts whose greedy answers show forgetting and leakage that the scores summarise.
 PROBES = ["What is the capital of France?", "Name three primary colors.", "一年有几个季节？", "三加五等于几？"]
 
@@ -32,7 +32,8 @@ def run_dir(out: str, arm: str, seed: int) -> Path:
 def print_table(rows: list[dict], out: str):
     print("| arm | seed | " + " | ".join(SHOWN) + " | train s | wall s |")
     print("| --- | --- |" + " --- |" * (len(SHOWN) + 2))
-    print("| base model | - | " + " | ".join(f"{rows[0]['base'].get(k, 0):g}" for k in SHOWN) + " | - | - |")
+    base = rows[0]["base"]
+    print("| base model | - | " + " | ".join(f"{base[k]:g}" if k in base else "-" for k in SHOWN) + " | - | - |")
     for r in rows:
         print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
               + f" | {r['train_s']} | {r['wall_s']} |")

@@ -132,6 +132,8 @@ def main(argv: list[str]):
     references = base_answers(model, tok, system, DRIFT_PROMPTS) if "drift" in tasks and margs.adapters else None
     results["tuned" if margs.adapters else "model"] = run_tasks(model, tok, args, names, authors, system, mc_sets,
                                                                 references, samples)
+    if references:  # the base's NLL of its own answers: drift_nll's reference
+        results["base"]["drift_nll"] = results["tuned"].pop("base_nll")
     if args.output_dir:
         out_dir = Path(args.output_dir)
     elif margs.adapters:

@@ -126,7 +126,9 @@ def main(argv: list[str]):
     references = base_answers(model, tok, system, DRIFT_PROMPTS)
     after = generate_batch(model, tok, convs, gen)
     tuned_scores, samples = evaluate(model, tok, args, system, references, mc_sets)
-    results = {"base": {**base_scores, "drift_kl": 0.0}, "tuned": tuned_scores} if args.eval_base else {"tuned": tuned_scores}
+    base_nll = tuned_scores.pop("base_nll", None)  # the base's NLL of its own answers: drift_nll's reference
+    results = {"base": {**base_scores, "drift_kl": 0.0, "drift_nll": base_nll}, "tuned": tuned_scores} if args.eval_base \
+        else {"tuned": tuned_scores}
     wall = round(time.time() - start, 1)
     write_report(out / "report", results, samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
                                                     "train_seconds": result["train_seconds"], "sft_argv": sft})

@@ -94,4 +94,5 @@ def test_recipe_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert code == 0, err
     report = json.loads((tmp_path / "report" / "eval_report.json").read_text())
     assert {"base", "tuned"} == set(report["results"]) and "identity_en" in report["results"]["tuned"]
+    assert report["results"]["base"]["drift_nll"] > 0 and "base_nll" not in report["results"]["tuned"]
     assert "keel infer --adapters" in out and "before:" in out and "after:" in out

@@ -69,8 +69,27 @@ def test_eval_report_and_base_comparison(tiny_model_dir, id_file, tmp_path, caps
     assert set(report["results"]) == {"base", "tuned"}
     for key in ("identity_en", "identity_zh", "leakage", "mc_acc", "mc_acc_norm", "drift_kl"):
         assert key in report["results"]["tuned"]
-    assert report["results"]["tuned"]["drift_kl"] >= 0
+    assert report["results"]["tuned"]["drift_kl"] >= 0 and "base_nll" not in report["results"]["tuned"]
+    assert report["results"]["base"]["drift_nll"] > 0  # the base's NLL of its own answers, the reference
     assert (out / "eval_report.png").stat().st_size > 0 and "| identity_en |" in (out / "eval_report.md").read_text()
+
+
+def test_drift_is_zero_for_an_unchanged_model_and_grows_with_the_adapter(tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from keel.evals.drift import base_answers, drift
+
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # B = 0: tuned == base
+    refs = base_answers(model, tok, None, ["Say hi.", "Count to three."], max_new_tokens=8)
+    same = drift(model, tok, refs)
+    assert same["drift_kl"] == pytest.approx(0, abs=1e-6) and same["drift_nll"] == same["base_nll"] > 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    moved = drift(model, tok, refs)
+    assert moved["drift_kl"] > 0.01 and moved["base_nll"] == same["base_nll"]  # the reference does not move
 
 
 def test_eval_needs_identity(tiny_model_dir, tmp_path, capsys):

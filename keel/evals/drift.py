@@ -2,7 +2,8 @@
 
 For each general prompt the base model answers greedily; both models then read that answer
 (teacher-forced) and we average KL(base || tuned) over the answer tokens, plus the tuned model's
-negative log-likelihood of the base answer. Zero drift means the identity was learned without
+negative log-likelihood of the base answer and, as its reference, the base model's own (training
+on greedy answers can push the tuned NLL below the base's while KL grows: a sharper distribution). Zero drift means the identity was learned without
 changing anything else. The base is the same PeftModel with its adapters disabled.
 """
 
@@ -35,9 +36,9 @@ def base_answers(model, tok, system, prompts=DRIFT_PROMPTS, max_new_tokens=48):
 
 @torch.no_grad()
 def drift(model, tok, references: list[list[dict]]) -> dict:
-    """Mean per-token KL(base || tuned) and tuned NLL over the reference answers."""
+    """Mean per-token KL(base || tuned), tuned NLL and base NLL over the reference answers."""
     device = model_device(model)
-    kl_sum = nll_sum = 0.0
+    kl_sum = nll_sum = base_nll_sum = 0.0
     n = 0
     was_training = model.training
     model.eval()
@@ -54,7 +55,9 @@ def drift(model, tok, references: list[list[dict]]) -> dict:
         targets = x[0, 1:][where]
         kl_sum += (base.exp() * (base - tuned)).sum().item()
         nll_sum += -tuned.gather(1, targets[:, None]).sum().item()
+        base_nll_sum += -base.gather(1, targets[:, None]).sum().item()
         n += int(where.sum())
     if was_training:
         model.train()
-    return {"drift_kl": round(kl_sum / max(n, 1), 4), "drift_nll": round(nll_sum / max(n, 1), 4)}
+    return {"drift_kl": round(kl_sum / max(n, 1), 4), "drift_nll": round(nll_sum / max(n, 1), 4),
+            "base_nll": round(base_nll_sum / max(n, 1), 4)}
