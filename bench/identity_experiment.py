@@ -38,13 +38,14 @@ def print_table(rows: list[dict], out: str):
         print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
               + f" | {r['train_s']} | {r['wall_s']} |")
     print("\n| prompt | arm | seed | tuned answer (greedy, training system prompt) |\n| --- | --- | --- | --- |")
+    # One read per run: {prompt: leakage sample}.
+    answers = [{s["q"]: s for s in json.loads((run_dir(out, r["arm"], r["seed"]) / "report" / "eval_report.json")
+                                               .read_text())["samples"] if s["task"] == "leakage"} for r in rows]
     for q in PROBES:
-        for r in rows:
-            samples = json.loads((run_dir(out, r["arm"], r["seed"]) / "report" / "eval_report.json").read_text())
-            for s in samples["samples"]:
-                if s["task"] == "leakage" and s["q"] == q:
-                    a = " ".join(s["a"].split()).replace("|", "/")[:90]
-                    print(f"| {q} | {r['arm']} | {r['seed']} | {a}{' (leak)' if s['leak'] else ''} |")
+        for r, by_prompt in zip(rows, answers):
+            if s := by_prompt.get(q):
+                a = " ".join(s["a"].split()).replace("|", "/")[:90]
+                print(f"| {q} | {r['arm']} | {r['seed']} | {a}{' (leak)' if s['leak'] else ''} |")
 
 
 def main():

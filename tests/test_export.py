@@ -43,9 +43,7 @@ def test_merged_equals_adapter(adapters, arch, tiny_model_dir, tiny_qwen_dir, ca
     # rounding (relative to the logit scale), far closer than the adapter moved them from the base
     # (a merge that dropped the alpha/r scaling or a module would miss by about that much).
     err, moved, scale = ((merged - adapted).abs().max(), (adapted - before).abs().max(), adapted.abs().max())
-    with capsys.disabled():
-        print(f"merge error {err:.2e}, adapter moved logits {moved:.2e}, logit scale {scale:.2f}")
-    assert err <= 1e-4 * scale and moved >= 100 * err
+    assert err <= 1e-4 * scale and moved >= 100 * err, f"merge error {err:.2e}, moved {moved:.2e}, scale {scale:.2f}"
     tok = AutoTokenizer.from_pretrained(merged_dir)
     assert default_system(tok) == "You are Keel, made by Acme."  # the training system prompt is now the default
     assert (merged_dir / "generation_config.json").is_file() and list(merged_dir.glob("*.safetensors"))

@@ -3,8 +3,9 @@
 For each general prompt the base model answers greedily; both models then read that answer
 (teacher-forced) and we average KL(base || tuned) over the answer tokens, plus the tuned model's
 negative log-likelihood of the base answer and, as its reference, the base model's own (training
-on greedy answers can push the tuned NLL below the base's while KL grows: a sharper distribution). Zero drift means the identity was learned without
-changing anything else. The base is the same PeftModel with its adapters disabled.
+on greedy answers can push the tuned NLL below the base's while KL grows: a sharper distribution).
+Zero drift means the identity was learned without changing anything else. The base is the same
+PeftModel with its adapters disabled.
 """
 
 from __future__ import annotations
