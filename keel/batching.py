@@ -35,24 +35,58 @@ def epoch_windows(n_rows: int, rows_per_step: int, seed: int, epoch: int, rank: 
     return windows
 
 
-def pack(rows: list[tuple[list[int], list[int]]], budget: int) -> list[dict]:
-    """Greedy, in order: rows into sequences of at most `budget` tokens (a longer row goes alone)."""
-    groups, cur, cur_len = [], [], 0
+def shared_prefix_len(rows: list[tuple[list[int], list[int]]]) -> int:
+    """Tokens at the start of every row that can be computed once for all of them.
+
+    That is the common prefix (system prompt, template) cut before the first labelled token, minus
+    one: the position just before a row's own tokens predicts that row's next token, so it must
+    not be shared. 0 when fewer than two rows or no common start.
+    """
+    if len(rows) < 2:
+        return 0
+    first, n = rows[0][0], min(len(ids) for ids, _ in rows) - 1   # every row keeps a token of its own
     for ids, labels in rows:
-        if cur and cur_len + len(ids) > budget:
-            groups.append(cur)
-            cur, cur_len = [], 0
-        cur.append((ids, labels))
-        cur_len += len(ids)
+        labelled = next((i for i, y in enumerate(labels) if y != IGNORE_INDEX), len(labels))
+        n = min(n, labelled - 1)
+        k = 0
+        while k < n and ids[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def pack(rows: list[tuple[list[int], list[int]]], budget: int, share_prefix: bool = True) -> list[dict]:
+    """Greedy, in order: rows into sequences of at most `budget` tokens (a longer row goes alone).
+
+    With share_prefix, rows that start alike (the same system prompt and template, as in identity
+    data where that is a third of every row) are laid out as [prefix, row1 tail, row2 tail, ...]:
+    the prefix is computed once, each tail attends to the prefix and to itself (a 4D mask), and
+    position ids continue from the prefix, so every token sees exactly what it sees alone.
+    """
+    groups, cur = [], []
+    for row in rows:
+        if cur:
+            trial = cur + [row]
+            p = shared_prefix_len(trial) if share_prefix else 0
+            if sum(len(ids) for ids, _ in trial) - p * (len(trial) - 1) > budget:
+                groups.append(cur)
+                cur = []
+        cur.append(row)
     if cur:
         groups.append(cur)
     out = []
     for g in groups:
-        ids = [t for r in g for t in r[0]]
-        labels = [t for r in g for t in r[1]]
-        pos = [p for r in g for p in range(len(r[0]))]
-        out.append({"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),  # (1, T)
-                    "position_ids": torch.tensor([pos])})
+        p = shared_prefix_len(g) if share_prefix else 0
+        ids = g[0][0][:p] + [t for r in g for t in r[0][p:]]
+        labels = g[0][1][:p] + [t for r in g for t in r[1][p:]]
+        pos = list(range(p)) + [i for r in g for i in range(p, len(r[0]))]
+        batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),  # (1, T)
+                 "position_ids": torch.tensor([pos]), "n_tokens": sum(len(r[0]) for r in g)}
+        if p:
+            seg = torch.tensor([0] * p + [i + 1 for i, r in enumerate(g) for _ in range(len(r[0]) - p)])  # (T,)
+            causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+            batch["attention_mask"] = (causal & ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)))[None, None]  # (1, 1, T, T)
+        out.append(batch)
     return out
 
 
@@ -67,15 +101,17 @@ def pad(rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, (x, y) in enumerate(chunk):
             ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask})  # (B, T)
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask,  # (B, T)
+                    "n_tokens": int(mask.sum())})
     return out
 
 
-def micro_batches(rows, packing: bool, batch_size: int, pack_tokens: int, pad_id: int) -> list[dict]:
+def micro_batches(rows, packing: bool, batch_size: int, pack_tokens: int, pad_id: int,
+                  share_prefix: bool = True) -> list[dict]:
     """The forward passes for one window of rows: packed ones of up to pack_tokens tokens, or padded batches."""
     if not rows:
         return []
-    return pack(rows, pack_tokens) if packing else pad(rows, batch_size, pad_id)
+    return pack(rows, pack_tokens, share_prefix) if packing else pad(rows, batch_size, pad_id)
 
 
 def token_loss(model, batch: dict, device, labelled_only: bool = True):
@@ -88,6 +124,11 @@ def token_loss(model, batch: dict, device, labelled_only: bool = True):
     labels = batch["labels"].to(device)                     # (B, T)
     targets = labels[:, 1:]                                 # (B, T-1): token t+1 is predicted at t
     kwargs = {k: batch[k].to(device) for k in ("position_ids", "attention_mask") if k in batch}
+    if kwargs.get("attention_mask") is not None and kwargs["attention_mask"].dim() == 4 \
+            and model.config._attn_implementation == "eager":
+        # The shared-prefix mask is boolean (what SDPA takes); eager attention adds its mask to the scores.
+        kwargs["attention_mask"] = torch.zeros(kwargs["attention_mask"].shape, device=device).masked_fill(
+            ~kwargs["attention_mask"], torch.finfo(torch.float32).min)
     if labelled_only and ids.shape[0] == 1:
         keep = (targets[0] != IGNORE_INDEX).nonzero().squeeze(1)      # (K,)
         logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep, **kwargs).logits[0]  # (K, V)

@@ -87,6 +87,8 @@ class TrainArgs:
     """Accepted for ms-swift compatibility; rows are tokenized once and held in memory."""
     packing: bool = True
     """Pack rows into padding-free sequences (exact; much less wasted compute)."""
+    share_prefix: bool = True
+    """With packing, rows of a pass that start alike (system prompt, template) compute that start once (exact)."""
     packing_length: int | None = None
     """Tokens per packed forward pass (default: 256 on CPU, the fastest measured there; batch x max_length on GPU)."""
     cpu_autocast_bf16: bool = False
@@ -167,7 +169,7 @@ def evaluate_loss(model, rows, args: TrainArgs, data: DataArgs, pad_id, device, 
     loss_sum, n_labels, n_correct = torch.zeros(3, dtype=torch.float64), 0, 0
     budget = args.packing_length or args.per_device_eval_batch_size * data.max_length
     for batch in micro_batches(rows[accelerator.process_index::accelerator.num_processes], args.packing,
-                               args.per_device_eval_batch_size, budget, pad_id):
+                               args.per_device_eval_batch_size, budget, pad_id, args.share_prefix):
         loss, n, correct = token_loss(model, batch, device)
         loss_sum[0] += loss.item()
         n_labels += n
@@ -279,14 +281,15 @@ def train(argv: list[str]) -> dict:
         # Normalise by the label tokens of the whole step, on every process, before any backward.
         n_local = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows)
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()
-        for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, args.packing_length, pad_id):
+        for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, args.packing_length, pad_id,
+                                   args.share_prefix):
             with autocast:
                 loss_sum, n, correct = token_loss(model, batch, device)
             (loss_sum * accelerator.num_processes / n_step).backward()  # the reduce below averages over processes
             log["loss"] += loss_sum.item()
             log["labels"] += n
             log["correct"] += correct
-            log["tokens"] += batch["input_ids"].numel() if args.packing else int(batch["attention_mask"].sum())
+            log["tokens"] += batch["n_tokens"]  # the rows' own tokens: a shared prefix counts once per row
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)

@@ -2,8 +2,8 @@
 
 import torch
 
-from keel.batching import epoch_windows, micro_batches, token_loss
-from keel.chat import render
+from keel.batching import epoch_windows, micro_batches, shared_prefix_len, token_loss
+from keel.chat import IGNORE_INDEX, render, with_system
 from tests.conftest import build_model
 
 CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
@@ -21,12 +21,18 @@ def loss_and_grads(model, batches, labelled_only=True):
     return total / n_total, [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
 
+def same_grads(ga, gb, rel=1e-5) -> bool:
+    """Equal up to fp32 rounding, judged against the largest gradient (tiny entries round relatively more)."""
+    scale = max(g.abs().max().item() for g in gb)
+    return all((a - b).abs().max().item() <= rel * scale for a, b in zip(ga, gb))
+
+
 def test_packed_equals_padded(tiny_tokenizer):
     rows = [render(tiny_tokenizer, c) for c in CONVS]
     model = build_model("llama", len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
     model.config._attn_implementation = "sdpa"
     pad_id = tiny_tokenizer.pad_token_id
-    packed = micro_batches(rows, True, 4, 512, pad_id)
+    packed = micro_batches(rows, True, 4, 512, pad_id, share_prefix=False)
     assert len(packed) == 1 and packed[0]["input_ids"].shape[1] == sum(len(r[0]) for r in rows)
     padded = micro_batches(rows, False, 4, 512, pad_id)
     one_by_one = micro_batches(rows, False, 1, 512, pad_id)
@@ -41,7 +47,7 @@ def test_packed_equals_padded(tiny_tokenizer):
 def test_packing_respects_budget(tiny_tokenizer):
     rows = [render(tiny_tokenizer, c) for c in CONVS]
     longest = max(len(r[0]) for r in rows)
-    batches = micro_batches(rows, True, 1, longest, tiny_tokenizer.pad_token_id)
+    batches = micro_batches(rows, True, 1, longest, tiny_tokenizer.pad_token_id, share_prefix=False)
     assert all(b["input_ids"].shape[1] <= longest for b in batches) and len(batches) >= 2
     starts = sum(b["position_ids"][0].tolist().count(0) for b in batches)
     assert starts == len(rows)  # every row starts its own positions at 0
@@ -54,3 +60,45 @@ def test_windows_deterministic_and_sharded():
     r0, r1 = epoch_windows(10, 2, 1, 0, 0, 2), epoch_windows(10, 2, 1, 0, 1, 2)
     assert len(r0) == len(r1) == 3
     assert sorted(i for w in r0 + r1 for i in w) == list(range(10))
+
+
+def test_shared_prefix_is_exact(tiny_tokenizer):
+    """Rows with one system prompt: the prefix is computed once, loss and gradients equal row by row."""
+    system = "You are a helpful assistant named Keel, built by Acme Lab for testing."
+    rows = [render(tiny_tokenizer, with_system(c, system)) for c in CONVS]
+    p = shared_prefix_len(rows)
+    first_label = min(next(i for i, y in enumerate(labels) if y != IGNORE_INDEX) for _, labels in rows)
+    assert 10 < p < first_label  # the system prompt is shared, no position that predicts an answer is
+    model = build_model("llama", len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    model.config._attn_implementation = "sdpa"
+    pad_id = tiny_tokenizer.pad_token_id
+    shared = micro_batches(rows, True, 4, 512, pad_id)
+    assert len(shared) == 1 and shared[0]["input_ids"].shape[1] == sum(len(r[0]) for r in rows) - 3 * p
+    assert shared[0]["n_tokens"] == sum(len(r[0]) for r in rows)
+    ls, gs = loss_and_grads(model, shared)
+    l1, g1 = loss_and_grads(model, micro_batches(rows, False, 1, 512, pad_id), labelled_only=False)
+    assert abs(ls - l1) < 1e-5 and same_grads(gs, g1)
+    model.config._attn_implementation = "eager"  # the boolean mask is turned into an additive one
+    le, ge = loss_and_grads(model, shared)
+    assert abs(le - l1) < 1e-5 and same_grads(ge, g1)
+
+
+def test_shared_prefix_packs_more_rows_and_respects_budget(tiny_tokenizer):
+    system = "You are a helpful assistant named Keel, built by Acme Lab for testing."
+    rows = [render(tiny_tokenizer, with_system(c, system)) for c in CONVS * 3]
+    budget = 3 * max(len(r[0]) for r in rows)
+    plain = micro_batches(rows, True, 1, budget, tiny_tokenizer.pad_token_id, share_prefix=False)
+    shared = micro_batches(rows, True, 1, budget, tiny_tokenizer.pad_token_id)
+    assert len(shared) < len(plain)
+    assert all(b["input_ids"].shape[1] <= budget for b in shared)
+    assert sum(b["n_tokens"] for b in shared) == sum(len(r[0]) for r in rows)
+
+
+def test_no_shared_prefix_between_different_starts(tiny_tokenizer):
+    a = render(tiny_tokenizer, with_system(CONVS[0], "You are Keel."))
+    b = render(tiny_tokenizer, with_system(CONVS[1], "Tu es Keel."))
+    assert shared_prefix_len([a]) == 0
+    common = next(i for i, (x, y) in enumerate(zip(a[0], b[0])) if x != y)
+    assert shared_prefix_len([a, b]) == common  # only the template tokens before the system text
+    batch = micro_batches([a, b], True, 1, 512, tiny_tokenizer.pad_token_id, share_prefix=False)[0]
+    assert "attention_mask" not in batch  # plain packing: transformers builds the mask from position ids
