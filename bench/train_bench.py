@@ -87,6 +87,18 @@ def token_counts(spec: dict) -> tuple[int, int]:
     return int(tokens * spec["epochs"]), int(labels * spec["epochs"])
 
 
+def cpu_model() -> str:
+    """CPU model and its widest vector extensions: figures differ between CPUs of the same core count."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "unknown")
+    flags = set(next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), []))
+    extras = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX2'})"
+
+
 def matmul_peak() -> dict:
     import torch
 
@@ -115,7 +127,7 @@ def main():
     sys.path.insert(0, str(ROOT))
     load = os.getloadavg()[0]
     peak = matmul_peak()
-    results = {"machine": {"cpus": os.cpu_count(), "load_avg_1m_at_start": load,
+    results = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_1m_at_start": load,
                            "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}},
                "settings": {"batch": a.batch, "accum": a.accum, "keel_flags": a.keel_flags, "quick": a.quick}, "jobs": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +148,8 @@ def main():
             row["rss_ratio"] = round(row["keel"]["peak_rss_gb"] / row["baseline"]["peak_rss_gb"], 2)
             results["jobs"][job] = row
     Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"\nmatmul peak here: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
+    print(f"\ncpu: {results['machine']['cpu']} x {os.cpu_count()}")
+    print(f"matmul peak here: fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; "
           f"load average at start {load:.2f}; FLOPs counted as 4 x {N_PARAMS:,} x tokens (forward 2N, backward to "
           "activations 2N; frozen weights get no weight gradient)")
     print(f"{'job':<9} {'tool':<9} {'wall s':>7} {'train s':>8} {'tokens':>8} {'labels':>7} {'tok/s':>7} {'peak RSS':>9} {'% peak':>7}")
