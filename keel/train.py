@@ -132,6 +132,13 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
 
 
+def cpu_has_native_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def new_run_dir(output_dir: Path) -> Path:
     n = len([p for p in output_dir.glob("v*-*") if p.is_dir()])
     return output_dir / f"v{n}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
@@ -229,6 +236,9 @@ def train(argv: list[str]) -> dict:
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
     autocast = torch.autocast(device.type, dtype=torch.bfloat16,
                               enabled=device.type == "cpu" and args.cpu_autocast_bf16)
+    if autocast._enabled and main_process and not cpu_has_native_bf16():
+        print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
+              "and training will be slower than fp32")
 
     # --- data: tokenized once
     train_rows, val_rows, manifest = build_datasets(data, tok, model)

@@ -189,3 +189,27 @@ def test_default_accumulation_follows_ms_swift(batch, world, expected, monkeypat
     monkeypatch.setenv("WORLD_SIZE", world)
     assert TrainArgs(per_device_train_batch_size=batch).gradient_accumulation_steps == expected
     assert TrainArgs(gradient_accumulation_steps=3).gradient_accumulation_steps == 3
+
+
+def test_shared_prefix_trains_like_plain_packing(tiny_model_dir, id_file, tmp_path):
+    """A run whose passes share the system prompt logs the same losses as one that repeats it per row.
+
+    Dropout off: with it, the shared prefix gets one mask per pass instead of one per row (other random
+    draws, the same expected update), so the two runs would differ like two seeds.
+    """
+    argv = ("--max_steps", "4", "--lora_dropout", "0", "--system", "You are Keel Robot, a test assistant built by Keel Lab.")
+    shared = read_log(train(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))["run_dir"])
+    plain = read_log(train(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv, "--share_prefix", "false"))["run_dir"])
+    assert len(shared) == len(plain) == 4 and "eval_loss" in shared[-1]
+    for s, p in zip(shared, plain):
+        assert s["loss"] == pytest.approx(p["loss"], rel=1e-3)
+        assert ("eval_loss" in s) == ("eval_loss" in p)
+        assert s.get("eval_loss", 0) == pytest.approx(p.get("eval_loss", 0), rel=1e-3)
+
+
+def test_bf16_autocast_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+    import keel.train
+
+    monkeypatch.setattr(keel.train, "cpu_has_native_bf16", lambda: False)
+    train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--cpu_autocast_bf16", "true"))
+    assert "no AVX-512 BF16 or AMX" in capsys.readouterr().out
