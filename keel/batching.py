@@ -63,20 +63,18 @@ def pack(rows: list[tuple[list[int], list[int]]], budget: int, share_prefix: boo
     the prefix is computed once, each tail attends to the prefix and to itself (a 4D mask), and
     position ids continue from the prefix, so every token sees exactly what it sees alone.
     """
-    groups, cur = [], []
+    groups, cur, cur_p = [], [], 0                  # groups: (rows, their shared prefix length)
     for row in rows:
-        if cur:
-            trial = cur + [row]
-            p = shared_prefix_len(trial) if share_prefix else 0
-            if sum(len(ids) for ids, _ in trial) - p * (len(trial) - 1) > budget:
-                groups.append(cur)
-                cur = []
+        p = shared_prefix_len(cur + [row]) if share_prefix else 0
+        if cur and sum(len(ids) for ids, _ in cur) + len(row[0]) - p * len(cur) > budget:
+            groups.append((cur, cur_p))
+            cur, p = [], 0
         cur.append(row)
+        cur_p = p
     if cur:
-        groups.append(cur)
+        groups.append((cur, cur_p))
     out = []
-    for g in groups:
-        p = shared_prefix_len(g) if share_prefix else 0
+    for g, p in groups:
         ids = g[0][0][:p] + [t for r in g for t in r[0][p:]]
         labels = g[0][1][:p] + [t for r in g for t in r[1][p:]]
         pos = list(range(p)) + [i for r in g for i in range(p, len(r[0]))]

@@ -68,6 +68,16 @@ def pick_device_dtype(torch_dtype: str | None = None):
     return device, getattr(torch, name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: without them bf16 matmuls on CPU are emulated, slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        return False
+
+
 def cache_root() -> Path:
     """Keel's cache folder: $KEEL_CACHE, else ~/.cache/keel."""
     return Path(os.environ.get("KEEL_CACHE") or Path.home() / ".cache" / "keel")

@@ -38,7 +38,7 @@ from keel.data.mix import DataArgs, build_datasets, format_manifest
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, load_model, read_adapter_args
+from keel.model import ModelArgs, cpu_has_native_bf16, load_model, read_adapter_args
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
@@ -130,13 +130,6 @@ def peak_memory_gb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        return False
 
 
 def new_run_dir(output_dir: Path) -> Path:
@@ -234,9 +227,9 @@ def train(argv: list[str]) -> dict:
     # On CPU, long packed passes get slower per token (bench: 256 tokens 173 tok/s, 1024 tokens 133 tok/s).
     if args.packing_length is None:
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cpu" and args.cpu_autocast_bf16)
-    if autocast._enabled and main_process and not cpu_has_native_bf16():
+    cpu_bf16 = device.type == "cpu" and args.cpu_autocast_bf16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cpu_bf16)
+    if cpu_bf16 and main_process and not cpu_has_native_bf16():
         print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
               "and training will be slower than fp32")
 

@@ -94,7 +94,7 @@ def test_shared_prefix_packs_more_rows_and_respects_budget(tiny_tokenizer):
     assert sum(b["n_tokens"] for b in shared) == sum(len(r[0]) for r in rows)
 
 
-def test_no_shared_prefix_between_different_starts(tiny_tokenizer):
+def test_shared_prefix_stops_where_rows_differ(tiny_tokenizer):
     a = render(tiny_tokenizer, with_system(CONVS[0], "You are Keel."))
     b = render(tiny_tokenizer, with_system(CONVS[1], "Tu es Keel."))
     assert shared_prefix_len([a]) == 0
