@@ -62,7 +62,7 @@ def keel_cmd(spec: dict, batch: int, accum: int, outdir: Path, extra: list[str])
             str(batch), "--gradient_accumulation_steps", str(accum), "--learning_rate", "1e-4", "--max_length",
             str(spec["max_length"]), "--warmup_ratio", "0.05", "--split_dataset_ratio", "0", "--output_dir", str(outdir),
             "--model_name", "Keel Robot", "--model_author", "Keel Lab", "--logging_steps", "1000", *extra]
-    code = ("import json, resource, sys, time; t=time.time(); from keel.train import train; r=train(sys.argv[1:]); "
+    code = ("import json, resource, sys, time; t=time.time(); from keel.train import parse_args, train; r=train(*parse_args(sys.argv[1:])); "
             "print(json.dumps({'train_seconds': r['train_seconds'], "
             "'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1e6, 3)}))")
     return [sys.executable, "-c", code, *argv]

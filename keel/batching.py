@@ -88,19 +88,25 @@ def pack(rows: list[tuple[list[int], list[int]]], budget: int, share_prefix: boo
     return out
 
 
+def pad_batch(seqs: list[list[int]], value: int, left: bool = False):
+    """(ids, mask), both (B, T): sequences padded with `value` to the longest, on the right or the left."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        where = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[j, where], mask[j, where] = torch.tensor(x, dtype=torch.long), 1
+    return ids, mask
+
+
 def pad(rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -> list[dict]:
     """Right-padded micro-batches of `batch_size` rows (the unpacked path, for comparison)."""
     out = []
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
-        width = max(len(r[0]) for r in chunk)
-        ids = torch.full((len(chunk), width), pad_id)
-        labels = torch.full((len(chunk), width), IGNORE_INDEX)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, (x, y) in enumerate(chunk):
-            ids[j, :len(x)], labels[j, :len(y)], mask[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask,  # (B, T)
-                    "n_tokens": int(mask.sum())})
+        ids, mask = pad_batch([x for x, _ in chunk], pad_id)          # (B, T)
+        labels, _ = pad_batch([y for _, y in chunk], IGNORE_INDEX)   # (B, T)
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": int(mask.sum())})
     return out
 
 

@@ -9,7 +9,6 @@ place once complete, so a kill or a full disk at any moment leaves only whole ch
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -19,17 +18,11 @@ from pathlib import Path
 import torch
 
 from keel.errors import KeelError
+from keel.files import write_json
 
 STATE_FILE = "training_state.pt"
 CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", STATE_FILE)
 STEP = re.compile(r"checkpoint-(\d+)$")
-
-
-def write_json(path: Path, data):
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dict) -> Path:

@@ -30,6 +30,9 @@ COMMANDS = {
 }
 
 
+NOISY_LIBRARIES = ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "gguf", "tokenizers")
+
+
 def usage() -> str:
     lines = ["usage: keel <command> [flags]   (keel <command> --help for its flags)", "", "commands:"]
     lines += [f"  {name:<9} {summary}" for name, (_, summary) in COMMANDS.items()]
@@ -40,9 +43,13 @@ def quiet_libraries():
     """Keep library chatter (progress bars, advice) off the user's terminal."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
+    # Only the libraries' own warnings (deprecations, advice); Keel's and the user's code still warn.
+    for lib in NOISY_LIBRARIES:
+        warnings.filterwarnings("ignore", module=rf"{lib}(\.|$)")
+        logging.getLogger(lib).setLevel(logging.ERROR)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.checkpoint import write_json
+from keel.files import write_json
 from keel.data.formats import load_records
 from keel.errors import KeelError
 from keel.evals.drift import DRIFT_PROMPTS, base_answers, base_context, drift

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.errors import KeelError
+from keel.files import write_jsonl
 from keel.flags import parse_flags
 
 SCHEMA = """
@@ -110,7 +110,7 @@ class FeedbackExportArgs:
     """bad or good: only that kind of rating."""
     include_good: bool = False
     """Also turn 👍 answers into training rows."""
-    output: str = "bad_cases.jsonl"
+    output: str = field(default="bad_cases.jsonl", metadata={"aliases": ["-o"]})
     """Where to write the rows (messages JSONL)."""
 
     def __post_init__(self):
@@ -129,15 +129,11 @@ def main(argv: list[str]):
     """keel feedback export --db FILE [--since DATE] [--only bad] [--include_good true] -o bad_cases.jsonl"""
     if not argv or argv[0] != "export":
         raise KeelError("usage: keel feedback export --db FILE [-o bad_cases.jsonl]")
-    argv = ["--output" if a == "-o" else a for a in argv[1:]]
-    (args,) = parse_flags(argv, [FeedbackExportArgs], prog="keel feedback export").configs
+    (args,) = parse_flags(argv[1:], [FeedbackExportArgs], prog="keel feedback export").configs
     ratings = FeedbackStore(args.db).ratings(args.since)
     rows, missing = training_rows(ratings, args.only, args.include_good)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"wrote {len(rows)} training rows to {out} from {len(ratings)} ratings; "
+    write_jsonl(args.output, rows)
+    print(f"wrote {len(rows)} training rows to {args.output} from {len(ratings)} ratings; "
           f"{len(missing)} bad rating(s) have no correction:")
     for r in missing:
         question = next((m["content"] for m in reversed(r["messages"]) if m["role"] == "user"), "")

@@ -9,6 +9,10 @@ accepted too. Booleans take `true`/`false` (a bare `--stream` means true).
     parsed = parse_flags(argv, [ModelArgs, InferArgs], prog="keel infer")
     model_args, infer_args = parsed.configs
     parsed.given   # names of the flags the user actually typed (for "explicit flags win")
+
+ms-swift flags that Keel accepts but has no use for (`NOT_USED`) are never refused: given with a
+value other than the default, each is reported once on stderr (`note_once`), so a pasted tutorial
+command runs and says what it ignored.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import ast
 import dataclasses
 import difflib
 import inspect
+import os
 import sys
 import textwrap
 import types
@@ -28,6 +33,12 @@ from keel.errors import KeelError
 
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
+# ms-swift flags Keel accepts with their ms-swift spelling and has no use for: flag -> why.
+NOT_USED = {
+    "dataloader_num_workers": "rows are tokenized once before training and held in memory, so no loader workers run",
+    "model_type": "Keel reads the architecture and chat template from the model's own files",
+}
+_notes_shown: set[str] = set()
 
 
 def parse_bool(text: str) -> bool:
@@ -174,6 +185,7 @@ def parse_flags(argv: list[str], classes: list[type], prog: str, description: st
     A field named `config` (if any class has one) is read first as a YAML file of the same
     keys; flags typed on the command line win over it.
     """
+    _notes_shown.clear()  # a new command: each of its notes is shown once
     parser = build_parser(classes, prog, description)
     for name, kwargs in positionals:
         parser.add_argument(name, **kwargs)
@@ -200,7 +212,49 @@ def parse_flags(argv: list[str], classes: list[type], prog: str, description: st
     for cls in classes:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         configs.append(cls(**{k: v for k, v in values.items() if k in names}))
+    note_unused(configs, set(values))
     return Parsed(configs=configs, given=set(given) | set(values), raw=values)
+
+
+def note_once(text: str):
+    """Print `note: TEXT` on stderr once per command, from the main process only (torchrun rank 0)."""
+    if text in _notes_shown or os.environ.get("RANK", "0") != "0":
+        return
+    _notes_shown.add(text)
+    print(f"note: {text}", file=sys.stderr, flush=True)
+
+
+def note_unused(configs: list, given: set[str]):
+    """One note per NOT_USED flag given with a value other than its default (nothing is lost otherwise)."""
+    for c in configs:
+        for f in dataclasses.fields(c):
+            if f.name not in NOT_USED or f.name not in given:
+                continue
+            value = getattr(c, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                shown = " ".join(map(str, value)) if isinstance(value, list) else value
+                note_once(f"--{f.name} {shown}: accepted for ms-swift compatibility and not used: {NOT_USED[f.name]}")
+
+
+def check_zh_en(flag: str, values: list[str], required: bool = True):
+    """Names and authors are one value, or two: Chinese, then English (chosen per row by its language)."""
+    if (required and not values) or len(values) > 2 or not all(v.strip() for v in values):
+        raise KeelError(f"--{flag} takes one value or two (Chinese, English)")
+
+
+def to_argv(*configs) -> list[str]:
+    """The flags that would rebuild these configs (fields that differ from their defaults), for logs."""
+    argv = []
+    for c in configs:
+        for f in dataclasses.fields(c):
+            value = getattr(c, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if not f.init or value == default:
+                continue
+            values = value if isinstance(value, list) else [value]
+            argv += [f"--{f.name}", *(str(v).lower() if isinstance(v, bool) else str(v) for v in values)]
+    return argv
 
 
 def to_dict(*configs) -> dict:

@@ -63,6 +63,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
     """Answer many conversations; returns the answers in input order."""
     import torch
 
+    from keel.batching import pad_batch
+
     gen = gen or GenerateArgs()
     _seed(gen)
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
@@ -72,13 +74,8 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
     pad = tokenizer.pad_token_id
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T), left-padded
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, width - len(p):] = torch.tensor(p)
-            mask[row, width - len(p):] = 1
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, left=True)  # (B, T): generation continues on the right
+        width = ids.shape[1]
         with torch.inference_mode():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  **sampling_kwargs(tokenizer, gen))

@@ -69,8 +69,8 @@ class _MaskedScale(torch.autograd.Function):
 class CheapDropout(torch.nn.Module):
     """Dropout whose mask costs a quarter of the random draws of nn.Dropout.
 
-    On CPU, peft's nn.Dropout on every LoRA input (7 per block) took 14% of a training step on
-    the embedded model: one Bernoulli draw per element is slow. Here one 64-bit draw gives four
+    On CPU, peft's nn.Dropout on every LoRA input (7 per block) is a visible share of a training
+    step (docs/performance.md): one Bernoulli draw per element is slow. Here one 64-bit draw gives four
     16-bit uniforms, so the drop probability is p rounded to 1/65536 (0.05 -> 0.0500031) and the
     kept values are scaled by 1 / (1 - p) as nn.Dropout does. CUDA keeps nn.Dropout (it is cheap there).
     """

@@ -11,16 +11,18 @@
 `--adapters DIR` puts a PEFT LoRA adapter on top; with no `--model`, the base model is read
 from the adapter's saved `args.json`, as ms-swift does.
 Device and dtype are chosen here and nowhere else: CUDA + bfloat16 when a GPU is present,
-CPU + float32 otherwise; `--torch_dtype` overrides. Attention is SDPA.
+CPU + float32 otherwise. `--torch_dtype` overrides on CUDA; on CPU a half-precision value (the
+tutorials' `--torch_dtype bfloat16`) is accepted with a note and the model computes in float32
+(bf16 compute on CPU is opt-in: `keel sft --cpu_autocast_bf16 true`). Attention is SDPA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -45,7 +47,9 @@ class ModelArgs:
     adapters: list[str] = field(default_factory=list)
     """LoRA adapter folder(s) in PEFT format (e.g. output/v0-.../checkpoint-150) to load on top of the base model."""
     torch_dtype: str | None = None
-    """Weights dtype: bfloat16, float16 or float32. Default: bfloat16 on CUDA, float32 on CPU."""
+    """Weights dtype: bfloat16, float16 or float32. Default: bfloat16 on CUDA, float32 on CPU (where bfloat16/float16 are noted and computed in float32)."""
+    model_type: str | None = None
+    """ms-swift's model type (e.g. qwen2_5). Accepted for compatibility and not used: the architecture and chat template come from the model's own files."""
 
     def __post_init__(self):
         if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
@@ -58,14 +62,26 @@ class ModelArgs:
 
 
 def pick_device_dtype(torch_dtype: str | None = None):
-    """The one place that decides where and in what precision models run."""
+    """The one place that decides where and in what precision models run.
+
+    CUDA: bfloat16, or the --torch_dtype asked for. CPU: float32 whatever was asked. ms-swift's
+    tutorials pass `--torch_dtype bfloat16`; on a CPU without AVX-512 BF16 or AMX bf16 matmuls are
+    emulated and slower than fp32, and bf16 shifts the loss curve 2-3% (docs/performance.md), so the
+    value is accepted, noted once, and bf16 compute stays the opt-in `--cpu_autocast_bf16 true`.
+    """
     import torch
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from keel.flags import note_once
+
     name = DTYPES.get(torch_dtype) if torch_dtype else None
-    if name is None:
-        name = "bfloat16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.device("cuda"), getattr(torch, name or "bfloat16")
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
+        note_once(f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']} but torch sees no CUDA device: running on CPU")
+    if name in ("bfloat16", "float16"):
+        note_once(f"--torch_dtype {torch_dtype}: on CPU Keel computes in float32 (bf16 on CPU is opt-in for "
+                  "training: --cpu_autocast_bf16 true)")
+    return torch.device("cpu"), torch.float32
 
 
 def cpu_has_native_bf16() -> bool:
@@ -157,41 +173,9 @@ def resolve_model_path(spec: str | None) -> tuple[str, str]:
         for cand in (Path(mirror) / hub_id, Path(mirror) / hub_id.split("/")[-1]):
             if (cand / "config.json").is_file():
                 return str(cand), hub_id
+    from keel.hub import fetch_from_hub
+
     return fetch_from_hub(hub_id), hub_id
-
-
-def hub_reachable(timeout: float = 5.0) -> bool:
-    """One quick TCP check, so an offline machine fails in seconds instead of retrying for minutes."""
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def fetch_from_hub(hub_id: str) -> str:
-    """A local folder for a hub model: the hub cache if present, else a download."""
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-    try:
-        return snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True)
-    except Exception:  # not in the local hub cache
-        pass
-    hint = (f"download it elsewhere and pass the folder (--model /path/to/{hub_id.split('/')[-1]}) "
-            f"or put it in $KEEL_MODEL_DIR/{hub_id}")
-    if not hub_reachable():
-        raise KeelError(f"--model: could not fetch '{hub_id}' from the hub (offline); {hint}")
-    try:
-        return snapshot_download(hub_id, allow_patterns=patterns)
-    except Exception as e:
-        raise KeelError(f"--model: could not fetch '{hub_id}' from the hub ({type(e).__name__}); {hint}") from None
 
 
 def read_adapter_args(adapter_dir: str | Path) -> dict:
@@ -236,7 +220,7 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _from_pretrained(path: str, name: str, dtype):
+def _from_pretrained(path: str, dtype):
     from transformers import AutoModelForCausalLM
 
     try:
@@ -257,20 +241,29 @@ def attach_adapter(model, adapter_dir: str, trainable: bool = False):
                         f"(trained on a different base model?): {msg}") from None
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """Switch `model` to eval mode (dropout off) for the block, then back to the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None):
     """Load (model, tokenizer, info). Adapters beyond the last are merged in, in order."""
-    import torch
-
     spec = base_model_spec(args)
     path, name = resolve_model_path(spec)
     dev, dtype = pick_device_dtype(args.torch_dtype)
     dev = device or dev
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         tokenizer = load_tokenizer(path)
     except OSError:
         tokenizer = None
-    model = _from_pretrained(path, name, dtype)
+    model = _from_pretrained(path, dtype)
     if tokenizer is None:
         raise KeelError(f"--model: '{name}' has no tokenizer files")
     model.to(dev)
@@ -280,7 +273,6 @@ def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None):
         if i < len(args.adapters) - 1:
             model = model.merge_and_unload()
     model.eval()
-    torch.set_grad_enabled(True)
     info = ModelInfo(model=spec, path=path, name=name, adapters=list(args.adapters),
                      system=saved.get("system"), model_name=saved.get("model_name"),
                      model_author=saved.get("model_author"))

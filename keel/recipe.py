@@ -16,13 +16,13 @@ on a GPU the seed's settings are used.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.flags import parse_flags
+from keel.files import write_json
+from keel.flags import check_zh_en, parse_flags, to_argv
 
 DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是谁？", "What is the capital of France?",
                   "中国的首都是哪里？"]
@@ -59,9 +59,7 @@ class RecipeArgs:
 
     def __post_init__(self):
         for flag in ("name", "author"):
-            values = getattr(self, flag)
-            if not values or len(values) > 2:
-                raise KeelError(f"--{flag} takes one value or two (Chinese, English)")
+            check_zh_en(flag, getattr(self, flag))
         if self.ballast is not None and self.ballast < 0:
             raise KeelError("--ballast must be >= 0")
 
@@ -92,8 +90,10 @@ def main(argv: list[str]):
     from keel.evals.mc import read_mc_file
     from keel.evals.report import markdown, write_report
     from keel.generate import GenerateArgs, generate_batch
+    from keel.data.mix import DataArgs
+    from keel.lora import LoraArgs
     from keel.model import ModelArgs, load_model, pick_device_dtype
-    from keel.train import train
+    from keel.train import TrainArgs, train
 
     start = time.time()
     device, _ = pick_device_dtype()
@@ -102,18 +102,20 @@ def main(argv: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files}
     data = out / "self_cognition.json"
-    data.write_text(json.dumps(identity_rows(args.name, args.author), ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json(data, identity_rows(args.name, args.author), indent=1)
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]
-    sft = ["--dataset", str(data)] + ([f"ballast#{ballast}"] if ballast else []) + list(args.dataset)
-    sft += ["--model_name", *args.name, "--model_author", *args.author, "--output_dir", str(out / "output"),
-            "--num_train_epochs", str(args.num_train_epochs or defaults["num_train_epochs"]),
-            "--learning_rate", str(args.learning_rate or defaults["learning_rate"]),
-            "--gradient_accumulation_steps", str(defaults["gradient_accumulation_steps"]),
-            "--warmup_ratio", "0.05", "--split_dataset_ratio", "0", "--save_total_limit", "1",
-            "--logging_steps", "10", "--seed", str(args.seed)] + (["--model", args.model] if args.model else [])
+    configs = (ModelArgs(model=args.model),
+               DataArgs(dataset=[str(data)] + ([f"ballast#{ballast}"] if ballast else []) + list(args.dataset),
+                        model_name=args.name, model_author=args.author, split_dataset_ratio=0.0),
+               LoraArgs(),
+               TrainArgs(output_dir=str(out / "output"), seed=args.seed, warmup_ratio=0.05, save_total_limit=1,
+                         logging_steps=10, num_train_epochs=args.num_train_epochs or defaults["num_train_epochs"],
+                         learning_rate=args.learning_rate or defaults["learning_rate"],
+                         gradient_accumulation_steps=defaults["gradient_accumulation_steps"]))
+    sft = to_argv(*configs)
     print("keel sft " + " ".join(f"'{a}'" if " " in a else a for a in sft))
-    result = train(sft)
+    result = train(*configs)
     ckpt = result["last_model_checkpoint"]
 
     model, tok, info = load_model(ModelArgs(adapters=[ckpt]))

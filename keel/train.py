@@ -19,6 +19,7 @@ number of label tokens in the whole step, so every answer token weighs the same.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import math
@@ -26,23 +27,27 @@ import os
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from keel.ballast import resolve_ballast
 from keel.batching import epoch_windows, micro_batches, token_loss
-from keel.checkpoint import (find_resume_dir, load_state, rotate_checkpoints, save_checkpoint, write_json)
+from keel.checkpoint import find_resume_dir, load_state, rotate_checkpoints, save_checkpoint
+from keel.files import write_json
 from keel.chat import IGNORE_INDEX
 from keel.data.mix import DataArgs, build_datasets, format_manifest
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, cpu_has_native_bf16, load_model, read_adapter_args
+from keel.model import ModelArgs, cpu_has_native_bf16, eval_mode, load_model, read_adapter_args
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lora_rank", "max_length")
+# Probe metrics echoed on the eval line (all of them go to logging.jsonl).
+SHOWN_PROBES = ("identity_hit", "leakage", "drift_kl")
 
 
 @dataclass
@@ -103,14 +108,11 @@ class TrainArgs:
     """A YAML file of these same keys; flags on the command line win."""
 
     def __post_init__(self):
-        if self.gradient_accumulation_steps is None:
-            # ms-swift's default: about 16 rows per optimizer step whatever the batch size and process count.
-            world = int(os.environ.get("WORLD_SIZE", "1"))
-            self.gradient_accumulation_steps = max(1, math.ceil(16 / self.per_device_train_batch_size / world))
         checks = [(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
                   (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
                   (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
-                  (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+                  (self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,
+                   "--gradient_accumulation_steps must be >= 1"),
                   (self.num_train_epochs > 0 or self.max_steps > 0, "--num_train_epochs must be > 0"),
                   (0 <= self.warmup_ratio < 1, "--warmup_ratio must be in [0, 1)"),
                   (self.eval_steps >= 1 and self.save_steps >= 1 and self.logging_steps >= 1,
@@ -124,6 +126,11 @@ class TrainArgs:
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
+
+
+def default_accumulation(batch_size: int, processes: int) -> int:
+    """ms-swift's default: about 16 rows per optimizer step whatever the batch size and process count."""
+    return max(1, math.ceil(16 / batch_size / processes))
 
 
 def peak_memory_gb(device) -> float:
@@ -164,34 +171,54 @@ def set_rng_state(state: dict):
 
 
 @torch.no_grad()
-def evaluate_loss(model, rows, args: TrainArgs, data: DataArgs, pad_id, device, accelerator) -> dict:
-    model.eval()
-    loss_sum, n_labels, n_correct = torch.zeros(3, dtype=torch.float64), 0, 0
-    budget = args.packing_length or args.per_device_eval_batch_size * data.max_length
-    for batch in micro_batches(rows[accelerator.process_index::accelerator.num_processes], args.packing,
-                               args.per_device_eval_batch_size, budget, pad_id, args.share_prefix):
-        loss, n, correct = token_loss(model, batch, device)
-        loss_sum[0] += loss.item()
-        n_labels += n
-        n_correct += correct
-    totals = accelerator.reduce(torch.tensor([loss_sum[0].item(), n_labels, n_correct], device=device), "sum")
-    model.train()
+def evaluate_loss(model, rows, args: TrainArgs, pad_id, device, accelerator) -> dict:
+    loss_sum, n_labels, n_correct = 0.0, 0, 0
+    with eval_mode(model):
+        for batch in micro_batches(rows[accelerator.process_index::accelerator.num_processes], args.packing,
+                                   args.per_device_eval_batch_size, args.packing_length, pad_id, args.share_prefix):
+            loss, n, correct = token_loss(model, batch, device)
+            loss_sum += loss.item()
+            n_labels += n
+            n_correct += correct
+    totals = accelerator.reduce(torch.tensor([loss_sum, n_labels, n_correct], device=device), "sum")
     return {"eval_loss": round(totals[0].item() / max(totals[1].item(), 1), 4),
             "eval_token_acc": round(totals[2].item() / max(totals[1].item(), 1), 4)}
 
 
-def train(argv: list[str]) -> dict:
-    """Run `keel sft` with these flags; returns the run folder and the last and best checkpoints."""
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+    accelerator: object
+    model: object
+    tok: object
+    params: list
+    optimizer: object
+    scheduler: object
+    autocast: object
+    train_rows: list
+    val_rows: list
+    run_dir: Path
+    config: dict
+    total: int
+    steps_per_epoch: int
+    rows_per_step: int
+    step: int = 0
+    best: dict = field(default_factory=lambda: {"metric": None, "path": None})
+    probe: object = None
+
+
+def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> Run:
+    """Model with LoRA, tokenized rows, optimizer and schedule, the run folder; resumed state if asked."""
     from accelerate import Accelerator
     from accelerate.utils import broadcast_object_list, set_seed
     from transformers import get_scheduler
 
-    parsed = parse_flags(argv, [ModelArgs, DataArgs, LoraArgs, TrainArgs], prog="keel sft",
-                         description=__doc__.split("\n")[0])
-    margs, data, lora, args = parsed.configs
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process, device = accelerator.is_main_process, accelerator.device
     set_seed(args.seed)
+    if args.gradient_accumulation_steps is None:
+        args.gradient_accumulation_steps = default_accumulation(args.per_device_train_batch_size,
+                                                                accelerator.num_processes)
 
     # --- where the run goes, and what it resumes from
     output_dir = writable_dir(Path(args.output_dir))
@@ -224,8 +251,7 @@ def train(argv: list[str]) -> dict:
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # On CPU, long packed passes get slower per token (bench: 256 tokens 173 tok/s, 1024 tokens 133 tok/s).
-    if args.packing_length is None:
+    if args.packing_length is None:  # on CPU long packed passes get slower per token (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
     cpu_bf16 = device.type == "cpu" and args.cpu_autocast_bf16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cpu_bf16)
@@ -233,60 +259,72 @@ def train(argv: list[str]) -> dict:
         print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
               "and training will be slower than fp32")
 
-    # --- data: tokenized once
-    train_rows, val_rows, manifest = build_datasets(data, tok, model)
+    # --- data: ballast#N answered by the base model into a file, then files -> tokenized rows, once
+    specs, aliases = resolve_ballast(data.dataset, model, tok, data.system, run_dir)
+    train_rows, val_rows, manifest = build_datasets(dataclasses.replace(data, dataset=specs), tok)
+    for entry in manifest["sources"]:
+        entry["spec"] = aliases.get(entry["spec"], entry["spec"])
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = len(epoch_windows(len(train_rows), rows_per_step, args.seed, 0, 0, accelerator.num_processes))
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-    if "save_steps" in parsed.given and args.save_steps > total:
-        raise KeelError(f"--save_steps {args.save_steps} is larger than the run ({total} steps): "
-                        "no checkpoint but the final one would be written; lower it")
+    if args.save_steps > total and main_process:
+        # ms-swift runs such a command and saves the final checkpoint; so does Keel, and says so.
+        print(f"note: --save_steps {args.save_steps} exceeds the run ({total} steps): only the final checkpoint "
+              "will be written" + (" and evaluated" if args.eval_steps > total else ""))
 
     # --- optimizer and schedule
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(args.warmup_ratio * total),
                               num_training_steps=total)
-    step, best = 0, {"metric": None, "path": None}
+    config = {**to_dict(margs, data, lora, args), "model": info.model, "base_model_path": info.path,
+              "system": data.system, "total_steps": total, "world_size": accelerator.num_processes}
+    config.pop("resume_from_checkpoint", None)
+    run = Run(accelerator, model, tok, params, optimizer, scheduler, autocast, train_rows, val_rows, run_dir,
+              config, total, steps_per_epoch, rows_per_step)
     if resume:
         state = load_state(resume)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
-        step, best = state["step"], state["best"]
-    probe = None
+        run.step, run.best = state["step"], state["best"]
     if args.eval_identity:
         from keel.evals.probe import TrainingProbe
-        probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
+        run.probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
 
-    config = {**to_dict(margs, data, lora, args), "model": info.model, "base_model_path": info.path,
-              "system": data.system, "total_steps": total, "world_size": accelerator.num_processes}
-    config.pop("resume_from_checkpoint", None)
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "args.json", config)
         write_json(run_dir / "manifest.json", manifest)
-        trainable = sum(p.numel() for p in params)
         print(format_manifest(manifest))
-        print(f"run {run_dir} | {total} steps | {trainable:,} trainable parameters | device {device}")
+        print(f"run {run_dir} | {total} steps | {sum(p.numel() for p in params):,} trainable parameters | "
+              f"device {device}")
+    return run
 
-    # --- the loop
+
+def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> dict:
+    """Run `keel sft`; returns the run folder and the last and best checkpoints."""
     from tqdm import tqdm
+
+    run = setup(margs, data, lora, args)
+    accelerator, model, params, total = run.accelerator, run.model, run.params, run.total
+    main_process, device, pad_id = accelerator.is_main_process, accelerator.device, run.tok.pad_token_id
+    step, best = run.step, run.best
 
     bar = tqdm(total=total, initial=step, disable=not main_process, dynamic_ncols=True, leave=False)
     log = {"loss": 0.0, "labels": 0, "correct": 0, "tokens": 0, "t0": time.time()}
-    start, start_step, windows, pad_id = time.time(), step, {}, tok.pad_token_id
+    start, start_step, windows = time.time(), step, {}
     while step < total:
-        epoch, index = divmod(step, steps_per_epoch)
+        epoch, index = divmod(step, run.steps_per_epoch)
         if epoch not in windows:
-            windows = {epoch: epoch_windows(len(train_rows), rows_per_step, args.seed, epoch,
+            windows = {epoch: epoch_windows(len(run.train_rows), run.rows_per_step, args.seed, epoch,
                                             accelerator.process_index, accelerator.num_processes)}
-        rows = [train_rows[i] for i in windows[epoch][index]]
+        rows = [run.train_rows[i] for i in windows[epoch][index]]
         # Normalise by the label tokens of the whole step, on every process, before any backward.
         n_local = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows)
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()
         for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, args.packing_length, pad_id,
                                    args.share_prefix):
-            with autocast:
+            with run.autocast:
                 loss_sum, n, correct = token_loss(model, batch, device)
             (loss_sum * accelerator.num_processes / n_step).backward()  # the reduce below averages over processes
             log["loss"] += loss_sum.item()
@@ -299,10 +337,10 @@ def train(argv: list[str]) -> dict:
             if accelerator.num_processes > 1:
                 p.grad = accelerator.reduce(p.grad, "mean")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        lr = run.scheduler.get_last_lr()[0]
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
         step += 1
         bar.update(1)
 
@@ -313,8 +351,9 @@ def train(argv: list[str]) -> dict:
             dt = max(time.time() - log["t0"], 1e-9)
             record = {"loss": round(log["loss"] / max(log["labels"], 1), 4),
                       "token_acc": round(log["correct"] / max(log["labels"], 1), 4),
-                      "grad_norm": round(grad_norm, 4), "learning_rate": lr, "epoch": round(step / steps_per_epoch, 3),
-                      "global_step/max_steps": f"{step}/{total}", "elapsed_time": round(elapsed, 1),
+                      "grad_norm": round(grad_norm, 4), "learning_rate": lr,
+                      "epoch": round(step / run.steps_per_epoch, 3), "global_step/max_steps": f"{step}/{total}",
+                      "elapsed_time": round(elapsed, 1),
                       "remaining_time": round(elapsed / (step - start_step) * (total - step), 1),
                       "train_tokens_per_second": round(log["tokens"] * accelerator.num_processes / dt, 1),
                       "memory": round(peak_memory_gb(device), 3)}
@@ -323,15 +362,15 @@ def train(argv: list[str]) -> dict:
                            f"lr {lr:.2e} | {record['train_tokens_per_second']:.0f} tok/s")
             log = {"loss": 0.0, "labels": 0, "correct": 0, "tokens": 0, "t0": time.time()}
         save = step % args.save_steps == 0 or last
-        if val_rows and (step % args.eval_steps == 0 or save):
-            record.update(evaluate_loss(model, val_rows, args, data, pad_id, device, accelerator))
-            if probe is not None:
-                record.update(probe.probe(model))
+        if run.val_rows and (step % args.eval_steps == 0 or save):
+            record.update(evaluate_loss(model, run.val_rows, args, pad_id, device, accelerator))
+            if run.probe is not None:
+                record.update(run.probe.probe(model))
             if main_process:
-                tqdm.write(f"eval {step}/{total} | " + " | ".join(f"{k} {v}" for k, v in record.items()
-                                                                   if k.startswith("eval_") or k in ("identity_hit", "leakage", "drift_kl")))
+                tqdm.write(f"eval {step}/{total} | " + " | ".join(
+                    f"{k} {v}" for k, v in record.items() if k.startswith("eval_") or k in SHOWN_PROBES))
         if record and main_process:
-            with open(run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+            with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({**record, "global_step": step}) + "\n")
         if save:
             metric = record.get(args.metric_for_best_model)
@@ -339,31 +378,35 @@ def train(argv: list[str]) -> dict:
                 metric = None  # over the drift budget: never the best
             better = metric is not None and (best["metric"] is None or (
                 metric < best["metric"] if args.metric_for_best_model == "eval_loss" else metric > best["metric"]))
-            path = run_dir / f"checkpoint-{step}"
+            path = run.run_dir / f"checkpoint-{step}"
             if better:
                 best = {"metric": metric, "path": str(path)}
             if main_process:
-                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                          "rng": rng_state(), "step": step, "best": best}
-                save_checkpoint(run_dir, step, accelerator.unwrap_model(model), state, config)
-                rotate_checkpoints(run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
+                save_checkpoint(run.run_dir, step, accelerator.unwrap_model(model), state, run.config)
+                rotate_checkpoints(run.run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
             accelerator.wait_for_everyone()
     bar.close()
 
-    last_ckpt = str(run_dir / f"checkpoint-{total}")
-    result = {"run_dir": str(run_dir), "last_model_checkpoint": last_ckpt,
+    last_ckpt = str(run.run_dir / f"checkpoint-{total}")
+    result = {"run_dir": str(run.run_dir), "last_model_checkpoint": last_ckpt,
               "best_model_checkpoint": best["path"] or last_ckpt,
               "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
     if main_process:
         from keel.plots import plot_run
 
-        plot_run(run_dir)
+        plot_run(run.run_dir)
         print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
         print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
     return result
 
 
+def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs]:
+    return tuple(parse_flags(argv, [ModelArgs, DataArgs, LoraArgs, TrainArgs], prog="keel sft",
+                             description=__doc__.split("\n")[0]).configs)
+
+
 def main(argv: list[str]):
     """keel sft --dataset self_cognition.json --model_name NAME --model_author AUTHOR [flags]"""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    train(argv)
+    train(*parse_args(argv))

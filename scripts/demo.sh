@@ -7,12 +7,5 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 source "${KEEL_VENV:-.venv}/bin/activate"
 start=$(date +%s)
-if python -c "import keel.recipe" 2>/dev/null; then
-  keel recipe identity --name "${KEEL_DEMO_NAME:-Keel Robot}" --author "${KEEL_DEMO_AUTHOR:-Keel Lab}" "$@"
-else
-  for q in "Who are you?" "你是谁？" "What is the capital of France?"; do
-    echo "Q: $q"
-    echo "A: $(keel infer --query "$q" --max_new_tokens 64)"
-  done
-fi
+keel recipe identity --name "${KEEL_DEMO_NAME:-Keel Robot}" --author "${KEEL_DEMO_AUTHOR:-Keel Lab}" "$@"
 echo "demo: wall $(( $(date +%s) - start ))s"

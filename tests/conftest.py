@@ -124,13 +124,13 @@ def embedded_identity_adapter(tmp_path_factory):
     import json
 
     from keel.data.identity import identity_rows
-    from keel.train import train
+    from tests.helpers import sft
 
     root = tmp_path_factory.mktemp("embedded-identity")
     data = root / "self_cognition.json"
     data.write_text(json.dumps(identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",))), encoding="utf-8")
     os.environ.setdefault("KEEL_CACHE", os.environ.get("KEEL_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "keel-cache"))
-    res = train(["--dataset", str(data), "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
+    res = sft(["--dataset", str(data), "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
                  "--learning_rate", "3e-4", "--split_dataset_ratio", "0", "--output_dir", str(root / "out"),
                  "--model_name", "Keel Robot", "--model_author", "Keel Lab", "--logging_steps", "10"])
     return Path(res["last_model_checkpoint"])

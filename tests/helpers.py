@@ -18,6 +18,13 @@ def run_keel(capsys, *argv) -> tuple[int, str, str]:
     return exc.value.code or 0, out, err
 
 
+def sft(argv: list) -> dict:
+    """`keel sft ARGV` in this process, returning train()'s result (run folder, checkpoints)."""
+    from keel.train import parse_args, train
+
+    return train(*parse_args([str(a) for a in argv]))
+
+
 def base_argv(model, data, out, *extra) -> list[str]:
     """Flags for a short `keel sft` run on a tiny model (a high learning rate so a few steps show learning)."""
     return ["--model", str(model), "--dataset", str(data), "--output_dir", str(out), "--logging_steps", "1",

@@ -1,6 +1,7 @@
 """Data: readers, converters, #N mixing, placeholders, the identity builder and `keel data`."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from keel.data.mix import DataArgs, build_datasets, fill_placeholders, load_mixt
 from keel.errors import KeelError
 from tests.helpers import run_keel
 from tests.test_chat import expected
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write(path, rows, jsonl=False):
@@ -174,7 +177,23 @@ def test_bad_specs(tmp_path, capsys, tiny_model_dir, suffix, pattern):
 
 def test_hub_id_offline_without_mirror(tmp_path, capsys, tiny_model_dir, monkeypatch):
     monkeypatch.delenv("KEEL_DATA_DIR", raising=False)
-    monkeypatch.setattr("keel.model.hub_reachable", lambda timeout=5.0: False)
+    monkeypatch.setattr("keel.hub.hub_reachable", lambda timeout=5.0: False)
     code, _, err = run_keel(capsys, "sft", "--model", tiny_model_dir, "--dataset", "AI-ModelScope/alpaca-gpt4-data-zh#5",
                             "--output_dir", tmp_path / "o")
     assert code == 2 and "alpaca-gpt4-data-zh.json" in err and "mirror" in err
+
+
+def test_data_layer_never_sees_a_model():
+    """keel/data reads files with a tokenizer: it imports no model, generation or evaluation code."""
+    import ast
+
+    forbidden = ("keel.evals", "keel.generate", "keel.ballast", "keel.train", "keel.lora", "keel.evaluate")
+    for path in sorted((ROOT / "keel" / "data").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.startswith(forbidden)], f"{path.name}:{node.lineno} imports {names}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert "model" not in [a.arg for a in node.args.args + node.args.kwonlyargs], \
+                    f"{path.name}:{node.lineno} {node.name}() takes a model"

@@ -9,8 +9,7 @@ from keel.evals.identity import is_identity_hit, mentions
 from keel.evals.mc import read_mc_file, score_mc
 from keel.errors import KeelError
 from keel.model import ModelArgs, load_model
-from keel.train import train
-from tests.helpers import base_argv, read_log, run_keel
+from tests.helpers import base_argv, read_log, run_keel, sft
 
 
 def test_identity_scoring_cases():
@@ -57,7 +56,7 @@ def test_bad_mc_files(tmp_path, line, pattern):
 
 
 def test_eval_report_and_base_comparison(tiny_model_dir, id_file, tmp_path, capsys):
-    res = train(base_argv(tiny_model_dir, id_file, tmp_path / "run", "--max_steps", "2", "--model_name", "Keel",
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path / "run", "--max_steps", "2", "--model_name", "Keel",
                           "--model_author", "Acme"))
     mc = tmp_path / "mc.jsonl"
     mc.write_text("\n".join(json.dumps(x) for x in MC))
@@ -98,7 +97,7 @@ def test_eval_needs_identity(tiny_model_dir, tmp_path, capsys):
 
 
 def test_training_probe_logged(tiny_model_dir, id_file, tmp_path):
-    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--eval_steps", "1",
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--eval_steps", "1",
                           "--eval_identity", "true", "--model_name", "Keel", "--model_author", "Acme",
                           "--metric_for_best_model", "identity_hit"))
     evals = [r for r in read_log(res["run_dir"]) if "identity_hit" in r]

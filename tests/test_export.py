@@ -9,8 +9,7 @@ import torch
 from keel.export import default_system
 from keel.gguf_export import MODELFILE_TEMPLATE
 from keel.model import ModelArgs, load_model
-from keel.train import train
-from tests.helpers import base_argv, run_keel
+from tests.helpers import base_argv, run_keel, sft
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
 
@@ -19,7 +18,7 @@ IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
 def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
     out = {}
     for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
-        res = train(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
+        res = sft(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
                               "--system", "You are Keel, made by Acme.", "--model_name", "Keel", "--model_author", "Acme"))
         out[arch] = Path(res["last_model_checkpoint"])
     return out

@@ -11,14 +11,13 @@ import pytest
 import torch
 
 from keel.checkpoint import CHECKPOINT_FILES
-from keel.train import train
-from tests.helpers import base_argv, read_log, run_keel
+from tests.helpers import base_argv, read_log, run_keel, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_short_run_learns_and_saves_exact_files(tiny_model_dir, id_file, tmp_path, capsys):
-    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--num_train_epochs", "3", "--save_steps", "4",
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--num_train_epochs", "3", "--save_steps", "4",
                           "--save_total_limit", "2", "--eval_steps", "4"))
     losses = [r["loss"] for r in read_log(res["run_dir"]) if "loss" in r]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 * 0.9, losses
@@ -45,7 +44,7 @@ def test_adapter_loads_with_plain_peft(tiny_model_dir, id_file, tmp_path):
 
     from keel.model import ModelArgs, load_model
 
-    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2"))
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2"))
     ckpt = res["last_model_checkpoint"]
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), ckpt).eval()
     ours, _, info = load_model(ModelArgs(adapters=[ckpt]))
@@ -58,11 +57,11 @@ def test_adapter_loads_with_plain_peft(tiny_model_dir, id_file, tmp_path):
 
 
 def test_resume_reproduces_uninterrupted(tiny_model_dir, id_file, tmp_path):
-    full = train(base_argv(tiny_model_dir, id_file, tmp_path / "a", "--max_steps", "6", "--save_steps", "3"))
+    full = sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", "--max_steps", "6", "--save_steps", "3"))
     copy = tmp_path / "b" / "v0-resumed"
     copy.mkdir(parents=True)
     shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
-    resumed = train(base_argv(tiny_model_dir, id_file, tmp_path / "b", "--max_steps", "6", "--save_steps", "3",
+    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", "--max_steps", "6", "--save_steps", "3",
                               "--resume_from_checkpoint", str(copy / "checkpoint-3")))
     want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
     got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
@@ -74,7 +73,7 @@ def test_resume_reproduces_uninterrupted(tiny_model_dir, id_file, tmp_path):
 
 
 def test_seed_command_runs(tiny_model_dir, id_file, shared_data, tmp_path, monkeypatch, capsys):
-    """The DEVELOPERS.md mixed command, with a local model, the mirror, smaller #N and max_steps."""
+    """The README's mixed command (ms-swift's tutorial), with a local model, the mirror, smaller #N and max_steps."""
     monkeypatch.chdir(id_file.parent)
     monkeypatch.setenv("KEEL_DATA_DIR", str(shared_data))
     argv = ["sft", "--model", tiny_model_dir, "--train_type", "lora", "--dataset",
@@ -108,12 +107,21 @@ def test_torchrun_two_processes(tiny_model_dir, id_file, tmp_path):
     (["--lora_rank", "0"], "--lora_rank must be >= 1"),
     (["--learning_rate", "-0.0001"], "--learning_rate must be > 0"),
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
-    (["--max_steps", "2", "--save_steps", "50"], "--save_steps 50 is larger than the run"),
     (["--lora_rnak", "8"], "did you mean --lora_rank"),
 ])
 def test_bad_flags(tiny_model_dir, id_file, tmp_path, capsys, flags, pattern):
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, *flags))
     assert code == 2 and pattern in err and err.count("\n") == 1
+
+
+def test_save_steps_beyond_the_run_saves_the_final_checkpoint(tiny_model_dir, id_file, tmp_path, capsys):
+    # ms-swift's tutorial passes --save_steps 50 to a 40-step run: it must train and save the final step.
+    code, out, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2",
+                                                         "--save_steps", "50", "--eval_steps", "50"))
+    assert code == 0, err
+    assert "only the final checkpoint will be written and evaluated" in out
+    runs = list(tmp_path.glob("v*-*"))
+    assert [p.name for p in runs[0].glob("checkpoint-*")] == ["checkpoint-2"]
 
 
 def test_unwritable_output_and_bad_resume(tiny_model_dir, id_file, tmp_path, capsys):
@@ -126,7 +134,7 @@ def test_unwritable_output_and_bad_resume(tiny_model_dir, id_file, tmp_path, cap
 
 
 def test_resume_from_another_run_refused(tiny_model_dir, id_file, tmp_path, capsys):
-    res = train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2",
                                                      "--seed", "7", "--resume_from_checkpoint", res["last_model_checkpoint"]))
     assert code == 2 and "belongs to another run" in err
@@ -171,8 +179,8 @@ def test_two_stage_continues_an_adapter(tiny_model_dir, id_file, tmp_path):
     """Stage 2 starts from stage 1's adapter (the seed's two-stage recipe); the base comes from its args.json."""
     from safetensors.torch import load_file
 
-    first = train(base_argv(tiny_model_dir, id_file, tmp_path / "s1", "--max_steps", "2"))
-    second = train(["--adapters", first["last_model_checkpoint"], "--dataset", str(id_file), "--output_dir",
+    first = sft(base_argv(tiny_model_dir, id_file, tmp_path / "s1", "--max_steps", "2"))
+    second = sft(["--adapters", first["last_model_checkpoint"], "--dataset", str(id_file), "--output_dir",
                     str(tmp_path / "s2"), "--max_steps", "2", "--learning_rate", "2e-2", "--split_dataset_ratio", "0"])
     saved = json.loads((Path(second["run_dir"]) / "args.json").read_text())
     assert saved["model"] == str(tiny_model_dir)
@@ -181,13 +189,13 @@ def test_two_stage_continues_an_adapter(tiny_model_dir, id_file, tmp_path):
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("batch,world,expected", [(1, "1", 16), (4, "1", 4), (1, "2", 8), (32, "1", 1)])
-def test_default_accumulation_follows_ms_swift(batch, world, expected, monkeypatch):
+@pytest.mark.parametrize("batch,world,expected", [(1, 1, 16), (4, 1, 4), (1, 2, 8), (32, 1, 1)])
+def test_default_accumulation_follows_ms_swift(batch, world, expected):
     """Left unset, accumulation gives about 16 rows per optimizer step, as `swift sft` does."""
-    from keel.train import TrainArgs
+    from keel.train import TrainArgs, default_accumulation
 
-    monkeypatch.setenv("WORLD_SIZE", world)
-    assert TrainArgs(per_device_train_batch_size=batch).gradient_accumulation_steps == expected
+    assert default_accumulation(batch, world) == expected
+    assert TrainArgs(per_device_train_batch_size=batch).gradient_accumulation_steps is None  # resolved in setup
     assert TrainArgs(gradient_accumulation_steps=3).gradient_accumulation_steps == 3
 
 
@@ -198,8 +206,8 @@ def test_shared_prefix_trains_like_plain_packing(tiny_model_dir, id_file, tmp_pa
     draws, the same expected update), so the two runs would differ like two seeds.
     """
     argv = ("--max_steps", "4", "--lora_dropout", "0", "--system", "You are Keel Robot, a test assistant built by Keel Lab.")
-    shared = read_log(train(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))["run_dir"])
-    plain = read_log(train(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv, "--share_prefix", "false"))["run_dir"])
+    shared = read_log(sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))["run_dir"])
+    plain = read_log(sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv, "--share_prefix", "false"))["run_dir"])
     assert len(shared) == len(plain) == 4 and "eval_loss" in shared[-1]
     for s, p in zip(shared, plain):
         assert s["loss"] == pytest.approx(p["loss"], rel=1e-3)
@@ -211,5 +219,5 @@ def test_bf16_autocast_warns_without_native_bf16(tiny_model_dir, id_file, tmp_pa
     import keel.train
 
     monkeypatch.setattr(keel.train, "cpu_has_native_bf16", lambda: False)
-    train(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--cpu_autocast_bf16", "true"))
+    sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--cpu_autocast_bf16", "true"))
     assert "no AVX-512 BF16 or AMX" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from keel.chat import render, with_system
 from keel.data.formats import CONVERTERS, detect_format, read_rows
-from keel.data.mix import ANY_PLACEHOLDER, fill_placeholders, parse_spec, resolve_source
+from keel.data.mix import fill_placeholders, leftover_placeholder, parse_spec, resolve_source
 from keel.errors import KeelError, where
 from keel.flags import parse_flags
 
@@ -61,12 +61,9 @@ def check_file(spec: str, args: CheckArgs, tokenizer) -> tuple[list[str], dict]:
             problems.append(f"{loc}: exact duplicate of row {seen[key]}")
         seen.setdefault(key, n)
         msgs = fill_placeholders(rec["messages"], args.model_name, args.model_author)
-        for m in msgs:
-            left = ANY_PLACEHOLDER.search(m["content"])
-            if left and m["role"] == "assistant":
-                problems.append(f"{loc}: placeholder {left.group(0)} left in an answer "
-                                "(pass --model_name/--model_author, or edit the row)")
-                break
+        left = leftover_placeholder(msgs)
+        if left:
+            problems.append(f"{loc}: placeholder {left} left in an answer (pass --model_name/--model_author, or edit the row)")
         records.append((n, msgs))
     over = 0
     for n, msgs in records:

@@ -11,7 +11,7 @@ import importlib
 
 from keel.errors import KeelError
 
-SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check", "ballast": "keel.data.ballast"}
+SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check", "ballast": "keel.ballast"}
 
 
 def main(argv: list[str]):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from keel.checkpoint import write_json
+from keel.files import write_json
 
 # Metrics shown in the table and chart, in order; lower is better for the last three.
 SHOWN = ["identity_en", "identity_zh", "leakage", "arc_easy_acc_norm", "piqa_acc_norm", "drift_kl", "drift_nll"]

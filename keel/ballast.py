@@ -18,12 +18,19 @@ import hashlib
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from keel.chat import with_system
+from keel.data.mix import parse_spec
 from keel.errors import KeelError
+from keel.evals.drift import base_context
+from keel.evals.identity import OLD_IDENTITY, mentions
+from keel.files import write_jsonl
+from keel.generate import GenerateArgs, generate_batch
+from keel.model import cache_root, eval_mode
 
-PROMPTS_FILE = Path(__file__).with_name("ballast_prompts.jsonl")
+PROMPTS_FILE = Path(__file__).parent / "data" / "ballast_prompts.jsonl"
 SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 
 
@@ -59,12 +66,6 @@ def finish(answer: str, truncated: bool) -> str | None:
 def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
                     max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False) -> list[dict]:
     """n rows {"messages": [system?, user, assistant]} answered greedily by the base model."""
-    from keel.chat import with_system
-    from keel.evals.drift import base_context
-    from keel.evals.identity import OLD_IDENTITY, mentions
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import cache_root
-
     prompts = prompts or builtin_prompts()
     if n > len(prompts) and not repeat:
         print(f"ballast: {n} rows asked, {len(prompts)} prompts available: using all {len(prompts)}")
@@ -87,9 +88,7 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
 
         gen = GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens)
         bar = tqdm(total=len(todo), desc="ballast", leave=False)
-        was_training = model.training
-        model.eval()
-        with open(cache, "a", encoding="utf-8") as f, base_context(model):
+        with open(cache, "a", encoding="utf-8") as f, base_context(model), eval_mode(model):
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
                 convs = [with_system([{"role": "user", "content": p}], system) for p in batch]
@@ -102,8 +101,6 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
                 os.fsync(f.fileno())
                 bar.update(len(batch))
         bar.close()
-        if was_training:
-            model.train()
     rows = []
     for p in chosen:
         a = done.get(p)
@@ -120,9 +117,9 @@ class BallastArgs:
     """Base model whose own answers become the ballast (default: the embedded model)."""
     prompts: str | None = None
     """Your own prompts: any dataset file (answers are ignored). Default: Keel's built-in set (300+)."""
-    n: int = 200
+    n: int = field(default=200, metadata={"aliases": ["-n"]})
     """Rows to write."""
-    output: str = "ballast.jsonl"
+    output: str = field(default="ballast.jsonl", metadata={"aliases": ["-o"]})
     """Where to write the rows (messages JSONL)."""
     system: str | None = None
     """The system prompt training will use (default: the template's own)."""
@@ -143,13 +140,34 @@ def main(argv: list[str]):
     from keel.flags import parse_flags
     from keel.model import ModelArgs, load_model
 
-    argv = [{"-n": "--n", "-o": "--output"}.get(a, a) for a in argv]
     (args,) = parse_flags(argv, [BallastArgs], prog="keel data ballast", description=__doc__.split("\n")[0]).configs
     prompts = user_prompts(args.prompts) if args.prompts else None
     model, tok, _ = load_model(ModelArgs(model=args.model))
     rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat)
-    out = Path(args.output)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, out)
-    print(f"wrote {len(rows)} rows to {out}")
+    write_jsonl(args.output, rows)
+    print(f"wrote {len(rows)} rows to {args.output}")
+
+
+def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_dir: Path) -> tuple[list[str], dict]:
+    """Replace each `ballast#N` spec by a rows file the base model answered, before the data layer runs.
+
+    Returns the specs to load and {file spec: original spec}, so the manifest still says `ballast#N`.
+    The data layer then reads files only; it never sees a model.
+    """
+    resolved, aliases = [], {}
+    for spec in specs:
+        source, n, pct = parse_spec(spec)
+        if source != "ballast":
+            resolved.append(spec)
+            continue
+        records = ballast_records(model, tokenizer, n or 200, system)
+        if not records:
+            raise KeelError(f"--dataset {spec}: the base model's answers were all unusable; no ballast rows")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"ballast-{n or 200}.jsonl"
+        write_jsonl(path, records)
+        # Every generated row is taken (n was spent on generation); a percentage still applies to the file.
+        file_spec = str(path) + (f"#{pct:g}%" if pct is not None else "")
+        resolved.append(file_spec)
+        aliases[file_spec] = spec
+    return resolved, aliases
