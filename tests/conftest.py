@@ -13,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+# Short runs train on a small slice of every kind of identity row (the defaults write ~99 rows a language).
+SMALL_IDENTITY = {"system_mix_rows": 4, "multi_turn_rows": 4, "reversal_rows": 2, "pressure_rows": 2,
+                  "contrast_rows": 4, "rename_rows": 0}
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 TINY_SYSTEM = "You are a tiny test model named Tiny, made by Nobody."
@@ -113,7 +117,7 @@ def id_file(tmp_path_factory):
     from keel.data.identity import identity_rows
 
     path = tmp_path_factory.mktemp("data") / "self_cognition.json"
-    path.write_text(json.dumps(identity_rows(["Keel"], ["Acme"], langs=("en",))), encoding="utf-8")
+    path.write_text(json.dumps(identity_rows(["Keel"], ["Acme"], langs=("en",), **SMALL_IDENTITY)), encoding="utf-8")
     return path
 
 
@@ -128,7 +132,7 @@ def embedded_identity_adapter(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("embedded-identity")
     data = root / "self_cognition.json"
-    data.write_text(json.dumps(identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",))), encoding="utf-8")
+    data.write_text(json.dumps(identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",), **SMALL_IDENTITY)), encoding="utf-8")
     os.environ.setdefault("KEEL_CACHE", os.environ.get("KEEL_TEST_CACHE") or str(tmp_path_factory.getbasetemp() / "keel-cache"))
     res = sft(["--dataset", str(data), "--num_train_epochs", "3", "--gradient_accumulation_steps", "4",
                  "--learning_rate", "3e-4", "--split_dataset_ratio", "0", "--output_dir", str(root / "out"),

@@ -114,13 +114,15 @@ def test_system_replaces_default(tmp_path, tiny_tokenizer):
 
 
 def test_identity_builder():
+    """OpenAI `messages` rows, zh and en (the kinds are pinned in tests/test_identity_rows.py)."""
     rows = identity_rows(["小黄", "Xiao Huang"], ["魔搭", "ModelScope"])
-    assert len(rows) >= 50
-    assert len({r["instruction"] for r in rows}) == len(rows)
-    outs = " ".join(r["output"] for r in rows)
+    assert len(rows) >= 150 and all(set(r) == {"messages"} for r in rows)
+    assert len({json.dumps(r, ensure_ascii=False) for r in rows}) == len(rows)
+    outs = " ".join(m["content"] for r in rows for m in r["messages"] if m["role"] == "assistant")
+    questions = [m["content"] for r in rows for m in r["messages"] if m["role"] == "user"]
     assert "Xiao Huang" in outs and "小黄" in outs and "{" not in outs
-    assert any("history" in r for r in rows)
-    assert any("ChatGPT" in r["instruction"] for r in rows) and any("通义千问" in r["instruction"] for r in rows)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in rows)
+    assert any("ChatGPT" in q for q in questions) and any("通义千问" in q for q in questions)
 
 
 def test_cli_identity_and_check(tmp_path, capsys):

@@ -6,7 +6,9 @@ Files are JSON arrays, JSONL or CSV. The format is detected per file from its fi
 OpenAI-style `messages`, sharegpt `conversations` (`from`/`value`), alpaca (`instruction`,
 `input`, `output`, optional `system`, `history`) or `query`/`response` (optional `history`,
 `system`). A row that breaks the detected format is an error naming file, row and field.
-Rows are numbered from 1 (the line number in JSONL).
+Rows are numbered from 1 (the line number in JSONL). In `messages` rows an assistant message may
+carry ms-swift's `"loss": false` (kept: the turn is context, without labels), and an explicit empty
+system message is kept (an empty system prompt, not the template's default).
 """
 
 from __future__ import annotations
@@ -46,10 +48,13 @@ def _history(row: dict, loc: str) -> list[dict]:
     return out
 
 
-def _finish(system: str, turns: list[dict], loc: str, answer_field: str) -> dict:
+def _finish(system: str, turns: list[dict], loc: str, answer_field: str, keep_empty_system: bool = False) -> dict:
+    """An empty `system` means none (the template's default applies) unless keep_empty_system."""
     if not turns or turns[-1]["role"] != "assistant" or not turns[-1]["content"].strip():
         raise KeelError(f"{loc}: field '{answer_field}' is empty: the row has no answer to learn")
-    msgs = ([{"role": "system", "content": system}] if system else []) + turns
+    if all(m.get("loss") is False for m in turns if m["role"] == "assistant"):
+        raise KeelError(f"{loc}: every assistant turn has \"loss\": false: the row has no answer to learn")
+    msgs = ([{"role": "system", "content": system}] if system or keep_empty_system else []) + turns
     return {"messages": msgs}
 
 
@@ -83,11 +88,19 @@ def _turns(row: dict, key: str, role_key: str, content_key: str, roles: dict, lo
         if who not in roles:
             raise KeelError(f"{loc}: {key}[{i}]: field '{role_key}' has unknown role '{who}' "
                             f"(expected {', '.join(sorted(set(roles)))})")
-        turns.append({"role": roles[who], "content": _text(turn, content_key, f"{loc}: {key}[{i}]")})
+        msg = {"role": roles[who], "content": _text(turn, content_key, f"{loc}: {key}[{i}]")}
+        if turn.get("loss") is not None:  # ms-swift's per-message switch: false = context only, no labels
+            if not isinstance(turn["loss"], bool):
+                raise KeelError(f"{loc}: {key}[{i}]: field 'loss' must be true, false or null")
+            msg["loss"] = turn["loss"]
+        turns.append(msg)
     system = _text(row, "system", loc, required=False)
-    if turns[0]["role"] == "system":
+    explicit = turns[0]["role"] == "system"
+    if explicit:
         system, turns = turns[0]["content"], turns[1:]
-    return _finish(system, turns, loc, key)
+    # In OpenAI `messages` rows an explicit empty system turn is kept: it means "no system prompt",
+    # which the template's default (or --system) must not replace.
+    return _finish(system, turns, loc, key, keep_empty_system=explicit and key == "messages")
 
 
 def sharegpt_to_messages(row: dict, loc: str = "row") -> dict:
