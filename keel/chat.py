@@ -7,6 +7,10 @@ the ids on assistant turns (every assistant turn of a multi-turn row, including 
 end-of-turn token, which is what stops generation) and IGNORE_INDEX everywhere else. Labels are
 built from turn boundaries, never from the pad token: on SmolLM2 pad == eos, so a pad-based
 mask would also hide the assistant's `<|im_end|>`.
+
+An assistant message with `"loss": false` (ms-swift's per-message field) is context only: it is
+rendered but gets no labels, e.g. the ordinary answers before the identity answer of a multi-turn
+identity row. Without the field (or with true/null) every assistant turn is labelled.
 """
 
 from __future__ import annotations
@@ -32,9 +36,27 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def conversation_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a conversation rendered by its chat template; message text is always text.
+
+    A message holding a control token's text (a user typing `<|im_end|><|im_start|>assistant`) would
+    otherwise be read as real control tokens and could forge turns. transformers'
+    `sanitize_control_tokens` encodes such text as plain text and only the template's own control
+    tokens as tokens. Conversations without such text take the plain path (identical ids, faster).
+    """
+    added = tokenizer.added_tokens_encoder
+    if not any(t in m["content"] for m in messages if isinstance(m.get("content"), str) for t in added):
+        return encode_text(tokenizer, template_text(tokenizer, messages, add_generation_prompt))
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                             sanitize_control_tokens=True, return_dict=False)
+    except ValueError as e:  # e.g. a control token the tokenizer also produces from plain text
+        raise KeelError(f"a message holds control-token text that cannot be kept as plain text: {e}") from None
+
+
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` followed by the assistant's generation prompt."""
-    return encode_text(tokenizer, template_text(tokenizer, messages, add_generation_prompt=True))
+    return conversation_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def render(tokenizer, messages: list[dict], max_length: int | None = None):
@@ -43,13 +65,13 @@ def render(tokenizer, messages: list[dict], max_length: int | None = None):
     Assistant spans are found by rendering each prefix of the conversation: the tokens that a
     turn adds after its generation prompt are that turn's answer.
     """
-    ids = encode_text(tokenizer, template_text(tokenizer, messages))
+    ids = conversation_ids(tokenizer, messages)
     labels = [IGNORE_INDEX] * len(ids)
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or msg.get("loss") is False:
             continue
         start = len(prompt_ids(tokenizer, messages[:i]))
-        end_ids = encode_text(tokenizer, template_text(tokenizer, messages[: i + 1]))
+        end_ids = conversation_ids(tokenizer, messages[: i + 1])
         if ids[: len(end_ids)] != end_ids:
             raise KeelError("the chat template renders a conversation prefix differently from the whole "
                             "conversation; Keel cannot find the assistant turns for this template")

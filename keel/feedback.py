@@ -34,9 +34,14 @@ def now() -> str:
 
 
 class FeedbackStore:
-    def __init__(self, path: str | Path):
+    """The store, opened for writing (the server; checked writable at once) or `readonly` (export)."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
         self.lock = threading.Lock()
+        if readonly:
+            self.db = self.open_readonly()
+            return
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,25 +52,53 @@ class FeedbackStore:
                     raise sqlite3.DatabaseError(ok)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
+            # A real write now: a read-only mount or a full disk stops the server here, not after an answer.
+            self.db.execute("PRAGMA user_version = 1")
             self.db.commit()
+        except (sqlite3.OperationalError, OSError) as e:
+            raise KeelError(f"--feedback_db {self.path}: cannot write there ({e}); every answer is recorded in it: "
+                            "free some space or pass a writable --feedback_db") from None
         except sqlite3.DatabaseError as e:
             raise KeelError(f"--feedback_db {self.path}: not a readable feedback database ({e}); "
                             "it was left untouched: move it away or pass another --feedback_db") from None
 
+    def open_readonly(self) -> sqlite3.Connection:
+        """Read without writing anything: no tables created, not even in an empty file."""
+        uri = f"{self.path.resolve().as_uri()}?mode=ro"
+        try:
+            try:
+                db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            except sqlite3.OperationalError:  # WAL on a read-only folder: no -shm can be made, and no writer can be there
+                db = sqlite3.connect(uri + "&immutable=1", uri=True, check_same_thread=False)
+                tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as e:
+            raise KeelError(f"--db {self.path}: not a readable feedback database ({e})") from None
+        if not {"completions", "feedback"} <= tables:
+            raise KeelError(f"--db {self.path}: not a feedback database written by keel deploy (no completions/feedback tables)")
+        return db
+
+    def write(self, sql: str, params: tuple):
+        """One committed write; on failure (disk full, read-only) roll back so the next write can try again."""
+        try:
+            self.db.execute(sql, params)
+            self.db.commit()
+        except BaseException:
+            self.db.rollback()
+            raise
+
     def record_completion(self, cid: str, model: str, system: str | None, messages: list[dict], answer: str):
         with self.lock:
-            self.db.execute("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?)",
-                            (cid, now(), model, system, json.dumps(messages, ensure_ascii=False), answer))
-            self.db.commit()
+            self.write("INSERT OR REPLACE INTO completions VALUES (?, ?, ?, ?, ?, ?)",
+                       (cid, now(), model, system, json.dumps(messages, ensure_ascii=False), answer))
 
     def add_feedback(self, cid: str, rating: str, correction: str | None) -> bool:
         """Store a rating; False if the completion id is unknown."""
         with self.lock:
             if self.db.execute("SELECT 1 FROM completions WHERE id = ?", (cid,)).fetchone() is None:
                 return False
-            self.db.execute("INSERT INTO feedback (completion_id, rating, correction, created) VALUES (?, ?, ?, ?)",
-                            (cid, rating, correction or None, now()))
-            self.db.commit()
+            self.write("INSERT INTO feedback (completion_id, rating, correction, created) VALUES (?, ?, ?, ?)",
+                       (cid, rating, correction or None, now()))
         return True
 
     def ratings(self, since: str | None = None) -> list[dict]:
@@ -116,6 +149,8 @@ class FeedbackExportArgs:
     def __post_init__(self):
         if not self.db or not Path(self.db).is_file():
             raise KeelError(f"--db: feedback database '{self.db}' does not exist")
+        if not Path(self.output).resolve().parent.is_dir():
+            raise KeelError(f"--output: folder '{Path(self.output).parent}' does not exist")
         if self.only not in (None, "bad", "good"):
             raise KeelError(f"--only must be bad or good, got '{self.only}'")
         if self.since:
@@ -130,9 +165,12 @@ def main(argv: list[str]):
     if not argv or argv[0] != "export":
         raise KeelError("usage: keel feedback export --db FILE [-o bad_cases.jsonl]")
     (args,) = parse_flags(argv[1:], [FeedbackExportArgs], prog="keel feedback export").configs
-    ratings = FeedbackStore(args.db).ratings(args.since)
+    ratings = FeedbackStore(args.db, readonly=True).ratings(args.since)
     rows, missing = training_rows(ratings, args.only, args.include_good)
-    write_jsonl(args.output, rows)
+    try:
+        write_jsonl(args.output, rows)
+    except OSError as e:
+        raise KeelError(f"--output {args.output}: cannot write there ({e.strerror})") from None
     print(f"wrote {len(rows)} training rows to {args.output} from {len(ratings)} ratings; "
           f"{len(missing)} bad rating(s) have no correction:")
     for r in missing:

@@ -87,8 +87,13 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
 
 
 def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
-                  stop: threading.Event | None = None):
-    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early."""
+                  stop: threading.Event | None = None, outcome: dict | None = None):
+    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early.
+
+    If `outcome` is a dict it receives, once the answer is complete, `tokens` (the number generated,
+    an end-of-turn token included) and `finish_reason`: "length" when max_new_tokens cut the answer,
+    else "stop" (the model ended its turn, or `stop` was set).
+    """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
@@ -106,9 +111,15 @@ def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
     def run():
         try:
             with torch.inference_mode():
-                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                               stopping_criteria=StoppingCriteriaList([_Stop()]),
-                               **sampling_kwargs(tokenizer, gen))
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Stop()]),
+                                     **sampling_kwargs(tokenizer, gen))
+            if outcome is not None:
+                n = out.shape[1] - ids.shape[1]
+                ends = model.generation_config.eos_token_id
+                ends = set(ends if isinstance(ends, list) else [ends]) | {tokenizer.eos_token_id}
+                cut = n >= gen.max_new_tokens and int(out[0, -1]) not in ends
+                outcome.update(tokens=n, finish_reason="length" if cut else "stop")
         except BaseException as e:  # surfaced in the caller's thread below
             errors.append(e)
             streamer.end()

@@ -79,11 +79,24 @@ def read_queries(path: str) -> list[list[dict]]:
     return convs
 
 
+def drop_torn_tail(path: Path) -> bool:
+    """Cut a last line that has no newline (a kill mid-write), so appended rows start on a line of their own."""
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
 def run_batch(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None):
     convs = read_queries(args.input_file)
     out_path = Path(args.output_file or Path(args.input_file).with_suffix(".answers.jsonl"))
     done = set()
     if out_path.is_file():  # resume: rows already answered are kept, not redone
+        if drop_torn_tail(out_path):
+            print(f"{out_path}: dropped a torn last line left by an interrupted run (its row is answered again)",
+                  file=sys.stderr)
         for line in out_path.read_text(encoding="utf-8").splitlines():
             try:
                 done.add(json.loads(line)["index"])

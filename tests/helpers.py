@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +38,36 @@ def base_argv(model, data, out, *extra) -> list[str]:
 
 def read_log(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "logging.jsonl").read_text().splitlines()]
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size: str = "4m", readonly: bool = False):
+    """A real small (or read-only) filesystem at `path` where this machine allows mounting one (root on
+    Linux), else None: tests then inject the error the kernel would give (ENOSPC, EROFS) at the write."""
+    path.mkdir(parents=True, exist_ok=True)
+    if (sys.platform != "linux" or os.geteuid() != 0 or shutil.which("mount") is None
+            or os.environ.get("KEEL_TEST_NO_MOUNT")):
+        yield None
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        yield None
+        return
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def make_read_only(path: Path):
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True, capture_output=True)
+
+
+def fill_disk(folder: Path, leave: int = 0):
+    """Fill the filesystem holding `folder` until only about `leave` bytes are free."""
+    with open(folder / "filler", "wb") as f:
+        while (free := shutil.disk_usage(folder).free) > leave:
+            try:
+                f.write(b"\0" * min(1 << 20, max(4096, free - leave)))
+                f.flush()
+            except OSError:
+                break

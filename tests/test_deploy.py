@@ -22,10 +22,10 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, app):
-        import uvicorn
+        from keel.deploy.server import make_server
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = make_server(app, "127.0.0.1", self.port)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(100):
@@ -140,3 +140,13 @@ def test_refuses_public_host_without_key_and_corrupt_db(tmp_path, capsys, tiny_m
     before = bad.read_bytes()
     code, _, err = run_keel(capsys, "deploy", "--model", tiny_model_dir, "--feedback_db", bad)
     assert code == 2 and "untouched" in err and bad.read_bytes() == before
+
+
+def test_feedback_export_reads_only_and_names_a_missing_folder(servers, tmp_path, capsys):
+    code, _, err = run_keel(capsys, "feedback", "export", "--db", servers["db"], "-o", tmp_path / "no" / "such" / "x.jsonl")
+    assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    code, _, err = run_keel(capsys, "feedback", "export", "--db", empty, "-o", tmp_path / "x.jsonl")
+    assert code == 2 and "not a feedback database" in err and empty.read_bytes() == b""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]  # no -wal, -shm or output written

@@ -83,3 +83,18 @@ def test_embedded_model_knows_the_capital_of_france(capsys):
     code, out, _ = run_keel(capsys, "infer", "--query", "What is the capital of France?",
                             "--max_new_tokens", "24", "--stream", "false")
     assert code == 0 and "Paris" in out
+
+
+def test_batch_resume_drops_a_torn_last_line(capsys, tiny_model_dir, tmp_path):
+    """A kill mid-write leaves half a row without its newline: the rerun cuts it and answers that row again."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": q}) + "\n" for q in ("Hi", "Who are you?", "你好")), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src, "--output_file", out, "--max_new_tokens", "4")
+    whole = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(whole[0] + whole[1][: len(whole[1]) // 2])  # row 0 whole, then half of the next
+    code, _, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--input_file", src, "--output_file", out,
+                            "--max_new_tokens", "4")
+    assert code == 0 and "torn" in err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["index"] for r in rows) == [0, 1, 2]

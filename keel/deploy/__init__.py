@@ -1,7 +1,7 @@
 """`keel deploy`: an OpenAI-compatible server with a web chat that records 👍/👎 feedback.
 
     keel deploy --adapters output/v0-.../checkpoint-102            # http://127.0.0.1:8000/
-    keel deploy --host 0.0.0.0 --api_key SECRET --feedback_db feedback.sqlite
+    KEEL_API_KEY=SECRET keel deploy --host 0.0.0.0 --feedback_db feedback.sqlite   # a --api_key shows in `ps`
     curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Who are you?"}]}'
 
 Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /health,
@@ -28,16 +28,28 @@ class DeployArgs:
     port: int = 8000
     """Port to listen on."""
     api_key: str | None = None
-    """Require `Authorization: Bearer KEY` on /v1/ requests (default: $KEEL_API_KEY)."""
+    """Require `Authorization: Bearer KEY` on /v1/ requests (default: $KEEL_API_KEY, which keeps the key out of the process list)."""
     feedback_db: str | None = None
     """SQLite file for answers and ratings (default: feedback.sqlite beside the adapter, else in the cache)."""
     served_model_name: str | None = None
     """The model id reported by /v1/models (default: the adapter's folder name, else the model name)."""
+    max_body_kb: int = 1024
+    """Largest request body accepted, in KiB; larger ones get 413 before they are read."""
+    max_queue: int = 64
+    """Requests that may wait while one generates; more get 429 with Retry-After."""
+    request_timeout: float = 300.0
+    """Seconds a request may take, waiting included: a wait past it gets 503, a generation past it is cut (finish_reason length)."""
 
     def __post_init__(self):
         self.api_key = self.api_key or os.environ.get("KEEL_API_KEY") or None
         if not 0 < self.port < 65536:
             raise KeelError(f"--port must be 1..65535, got {self.port}")
+        if self.max_body_kb < 1:
+            raise KeelError(f"--max_body_kb must be >= 1, got {self.max_body_kb}")
+        if self.max_queue < 0:
+            raise KeelError(f"--max_queue must be >= 0, got {self.max_queue}")
+        if not self.request_timeout > 0:
+            raise KeelError(f"--request_timeout must be > 0 seconds, got {self.request_timeout}")
         if not is_loopback(self.host) and not self.api_key:
             raise KeelError(f"--host {self.host} is reachable from other machines: set --api_key (or KEEL_API_KEY) first")
 
@@ -53,9 +65,7 @@ def is_loopback(host: str) -> bool:
 
 def main(argv: list[str]):
     """keel deploy [--adapters CKPT | --model M] [--host 127.0.0.1] [--port 8000] [--api_key KEY]"""
-    import uvicorn
-
-    from keel.deploy.server import create_app
+    from keel.deploy.server import create_app, make_server
     from keel.feedback import FeedbackStore
 
     margs, args = parse_flags(argv, [ModelArgs, DeployArgs], prog="keel deploy", description=__doc__.split("\n")[0]).configs
@@ -64,6 +74,7 @@ def main(argv: list[str]):
     store = FeedbackStore(db)
     model, tok, info = load_model(margs)
     name = args.served_model_name or (Path(margs.adapters[-1]).name if margs.adapters else info.name)
-    app = create_app(model, tok, info, api_key=args.api_key, store=store, model_id=name)
-    print(f"keel deploy: http://{args.host}:{args.port}/  (model {name}, feedback {db})")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    app = create_app(model, tok, info, api_key=args.api_key, store=store, model_id=name, max_body=args.max_body_kb * 1024,
+                     max_queue=args.max_queue, request_timeout=args.request_timeout)
+    print(f"keel deploy: http://{args.host}:{args.port}/  (model {name}, feedback {db})", flush=True)
+    make_server(app, args.host, args.port).run()
