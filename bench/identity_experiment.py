@@ -3,7 +3,9 @@
     python bench/identity_experiment.py --seeds 42 43 --limit 500
 
 Each arm is one `keel recipe identity` run on the embedded model (same identity data, same training
-settings); only the general data mixed in differs. The base model is scored once, in the first run.
+settings); only the general data mixed in differs. The recipe scores with `keel eval`'s one function
+(keel.evals.run.evaluate: the robustness matrix, leakage, drift, multiple choice); the base model is
+scored once, in the first run.
 Prints one Markdown table and writes JSON; rerun the same command to resume an interrupted experiment.
 """
 
@@ -20,7 +22,8 @@ ARMS = {"identity only": ["--ballast", "0"],
         "+ self-distilled ballast (200)": ["--ballast", "200"],
         "+ alpaca demo (200)": ["--ballast", "0", "--dataset", f"{SHARED}/alpaca_zh_demo.json#100",
                                 f"{SHARED}/alpaca_en_demo.json#100"]}
-SHOWN = ["identity_en", "identity_zh", "leakage", "drift_kl", "drift_nll", "arc_easy_acc_norm", "piqa_acc_norm"]
+SHOWN = ["identity_robustness", "identity_mean", "identity_en", "identity_zh", "leakage", "leakage_contrast", "drift_kl",
+         "drift_nll", "arc_easy_acc_norm", "piqa_acc_norm"]
 # General prompts whose greedy answers show forgetting and leakage that the scores summarise.
 PROBES = ["What is the capital of France?", "Name three primary colors.", "一年有几个季节？", "三加五等于几？"]
 
@@ -38,9 +41,11 @@ def print_table(rows: list[dict], out: str):
         print(f"| {r['arm']} | {r['seed']} | " + " | ".join(f"{r['tuned'].get(k, float('nan')):g}" for k in SHOWN)
               + f" | {r['train_s']} | {r['wall_s']} |")
     print("\n| prompt | arm | seed | tuned answer (greedy, training system prompt) |\n| --- | --- | --- | --- |")
-    # One read per run: {prompt: leakage sample}.
+    # One read per run: {prompt: the tuned model's leakage answer under the training system prompt}.
     answers = [{s["q"]: s for s in json.loads((run_dir(out, r["arm"], r["seed"]) / "report" / "eval_report.json")
-                                               .read_text())["samples"] if s["task"] == "leakage"} for r in rows]
+                                               .read_text())["samples"]
+                if s["task"] == "leakage" and s.get("row", "tuned") == "tuned" and s.get("system", "train") == "train"}
+               for r in rows]
     for q in PROBES:
         for r, by_prompt in zip(rows, answers):
             if s := by_prompt.get(q):

@@ -63,15 +63,22 @@ def finish(answer: str, truncated: bool) -> str | None:
     return answer[:cut + 1].strip() if cut > len(answer) // 3 else None
 
 
-def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
-                    max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False) -> list[dict]:
-    """n rows {"messages": [system?, user, assistant]} answered greedily by the base model."""
-    prompts = prompts or builtin_prompts()
-    if n > len(prompts) and not repeat:
-        print(f"ballast: {n} rows asked, {len(prompts)} prompts available: using all {len(prompts)}")
-    chosen = random.Random(seed).sample(prompts, min(n, len(prompts)))
+def system_mix(system: str | None, pool: list[str] | None = None) -> list[str | None]:
+    """The system-prompt conditions the identity rows are trained under (keel/data/identity.py):
+    the training one (None: the template's default), none (an empty system turn), the seeds'
+    'You are a helpful assistant.' and the persona/job pool. Ballast answered under each keeps the
+    base model's general answers whatever system prompt the tuned model is later served with."""
+    from keel.data.identity import HELPFUL, POOL_FILE, read_pool
+
+    return [system, "", HELPFUL, *(pool or read_pool(POOL_FILE))]
+
+
+def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_new_tokens: int,
+                   batch_size: int) -> dict[tuple[str | None, str], str | None]:
+    """The base model's greedy answers to (system prompt, prompt) pairs, from the cache or generated
+    into it in batches that mix system prompts (one pass, however many prompts the mix has)."""
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    key = hashlib.sha256(json.dumps([source, system, max_new_tokens, "greedy"]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([source, max_new_tokens, "greedy", "by-system"]).encode()).hexdigest()[:16]
     cache = cache_root() / "ballast" / f"{key}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -79,10 +86,10 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
         for line in cache.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-                done[row["prompt"]] = row["answer"]
-            except (json.JSONDecodeError, KeyError):
+                done[(row["system"], row["prompt"])] = row["answer"]
+            except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by an interruption: generate it again
-    todo = [p for p in chosen if p not in done]
+    todo = list(dict.fromkeys(pair for pair in pairs if pair not in done))
     if todo:
         from tqdm import tqdm
 
@@ -91,21 +98,46 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
         with open(cache, "a", encoding="utf-8") as f, base_context(model), eval_mode(model):
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                convs = [with_system([{"role": "user", "content": p}], system) for p in batch]
+                convs = [with_system([{"role": "user", "content": p}], system) for system, p in batch]
                 answers = generate_batch(model, tokenizer, convs, gen, batch_size=batch_size)
-                for p, a in zip(batch, answers):
+                for (system, p), a in zip(batch, answers):
                     truncated = len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2
-                    done[p] = finish(a, truncated)
-                    f.write(json.dumps({"prompt": p, "answer": done[p]}, ensure_ascii=False) + "\n")
+                    done[(system, p)] = finish(a, truncated)
+                    f.write(json.dumps({"system": system, "prompt": p, "answer": done[(system, p)]},
+                                       ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(batch))
         bar.close()
+    return done
+
+
+def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
+                    max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False,
+                    systems: list[str | None] | None = None) -> list[dict]:
+    """n rows {"messages": [system?, user, assistant]} answered greedily by the base model.
+
+    systems: if given, the prompts take these system prompts in turn (the first ones once each,
+    then the rest at random), each answered and trained under its own; else all under `system`.
+    """
+    prompts = prompts or builtin_prompts()
+    if n > len(prompts) and not repeat:
+        print(f"ballast: {n} rows asked, {len(prompts)} prompts available: using all {len(prompts)}")
+    rng = random.Random(seed)
+    chosen = rng.sample(prompts, min(n, len(prompts)))
+    if systems:
+        # Rotate over the main conditions; the last slot of each round draws from the pool.
+        main, pool = systems[:3], systems[3:] or systems[:1]
+        assigned = [main[i % 4] if i % 4 < len(main) else rng.choice(pool) for i in range(len(chosen))]
+    else:
+        assigned = [system] * len(chosen)
+    answers = cached_answers(model, tokenizer, list(zip(assigned, chosen)), max_new_tokens, batch_size)
     rows = []
-    for p in chosen:
-        a = done.get(p)
+    for p, sys_prompt in zip(chosen, assigned):
+        a = answers.get((sys_prompt, p))
         if a and not mentions(a, OLD_IDENTITY):  # the base's identity must not be taught back
-            rows.append({"messages": with_system([{"role": "user", "content": p}, {"role": "assistant", "content": a}], system)})
+            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
+            rows.append({"messages": with_system(msgs, sys_prompt)})
     if repeat and rows and n > len(rows):
         rows = (rows * (n // len(rows) + 1))[:n]
     return rows
@@ -127,6 +159,8 @@ class BallastArgs:
     """Longest answer; a cut-off answer is trimmed to its last full sentence."""
     repeat: bool = False
     """When -n exceeds the prompts, repeat rows to reach it (default: use each prompt once)."""
+    system_mix: bool = False
+    """Answer each prompt under one of the identity rows' system prompts (--system, none, 'You are a helpful assistant.', the persona pool), written into the rows, as ballast#N in keel sft does."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -138,17 +172,24 @@ class BallastArgs:
 def main(argv: list[str]):
     """keel data ballast [--model M] [--prompts FILE] -n 200 -o ballast.jsonl"""
     from keel.flags import parse_flags
-    from keel.model import ModelArgs, load_model
 
     (args,) = parse_flags(argv, [BallastArgs], prog="keel data ballast", description=__doc__.split("\n")[0]).configs
+    write_ballast(args)
+
+
+def write_ballast(args: BallastArgs):
+    from keel.model import ModelArgs, load_model
+
     prompts = user_prompts(args.prompts) if args.prompts else None
     model, tok, _ = load_model(ModelArgs(model=args.model))
-    rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat)
+    rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
+                           systems=system_mix(args.system) if args.system_mix else None)
     write_jsonl(args.output, rows)
     print(f"wrote {len(rows)} rows to {args.output}")
 
 
-def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_dir: Path) -> tuple[list[str], dict]:
+def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_dir: Path,
+                    mix: bool = False) -> tuple[list[str], dict]:
     """Replace each `ballast#N` spec by a rows file the base model answered, before the data layer runs.
 
     Returns the specs to load and {file spec: original spec}, so the manifest still says `ballast#N`.
@@ -160,7 +201,7 @@ def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_
         if source != "ballast":
             resolved.append(spec)
             continue
-        records = ballast_records(model, tokenizer, n or 200, system)
+        records = ballast_records(model, tokenizer, n or 200, system, systems=system_mix(system) if mix else None)
         if not records:
             raise KeelError(f"--dataset {spec}: the base model's answers were all unusable; no ballast rows")
         out_dir.mkdir(parents=True, exist_ok=True)

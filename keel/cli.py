@@ -21,7 +21,7 @@ from keel.flags import print_error_and_exit
 COMMANDS = {
     "infer": ("keel.infer", "chat, answer one --query, or answer a JSONL file"),
     "sft": ("keel.train", "LoRA fine-tune (ms-swift `swift sft` flags)"),
-    "eval": ("keel.evaluate", "identity, leakage, multiple-choice and drift scores; base vs tuned"),
+    "eval": ("keel.evals.run", "identity robustness matrix, leakage, multiple-choice and drift; base vs tuned"),
     "data": ("keel.data.cli", "identity | check | ballast: build and check datasets"),
     "export": ("keel.export", "merge the LoRA into the weights, or write GGUF + Ollama Modelfile"),
     "deploy": ("keel.deploy", "OpenAI-compatible server with a web chat and feedback buttons"),
@@ -59,6 +59,14 @@ def quiet_libraries():
         pass
 
 
+def close_progress_bars():
+    """A bar the error interrupted (training, generation) would otherwise share its line with the message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None):
         module = importlib.import_module(COMMANDS[name][0])
         code = module.main(rest)
     except KeelError as e:
+        close_progress_bars()
         print_error_and_exit(e)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -113,11 +113,10 @@ def verify(reference: list[str], candidates: dict, names: list[str]) -> list[str
     return failures
 
 
-def main(argv: list[str]):
-    """keel export --adapters CKPT [--merge_lora true] [--to gguf --quant f16|q8_0] [--output_dir DIR]"""
+def export(margs: ModelArgs, args: ExportArgs) -> Path:
+    """Merge the adapter (and write GGUF if asked), publish the folder whole, verify it; returns the folder."""
     from transformers import AutoModelForCausalLM
 
-    margs, args = parse_flags(argv, [ModelArgs, ExportArgs], prog="keel export", description=__doc__.split("\n")[0]).configs
     if not margs.adapters:
         raise KeelError("keel export needs --adapters CHECKPOINT (the LoRA to merge)")
     if not margs.model and not (Path(margs.adapters[-1]) / "args.json").is_file() and \
@@ -151,7 +150,7 @@ def main(argv: list[str]):
         raise
     print(f"wrote {target}")
     if not args.verify:
-        return
+        return target
     if args.to == "hf":
         loaded = AutoModelForCausalLM.from_pretrained(target, dtype=next(merged.parameters()).dtype).to(merged.device).eval()
         kind = "merged"
@@ -162,3 +161,9 @@ def main(argv: list[str]):
     if failures:
         raise KeelError(f"verification failed: {failures[0]} ({len(failures)} problem(s)); the artifact is at {target}")
     print("verified: answers match the adapter model")
+    return target
+
+
+def main(argv: list[str]):
+    """keel export --adapters CKPT [--merge_lora true] [--to gguf --quant f16|q8_0] [--output_dir DIR]"""
+    export(*parse_flags(argv, [ModelArgs, ExportArgs], prog="keel export", description=__doc__.split("\n")[0]).configs)

@@ -154,11 +154,8 @@ def chat_loop(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None
         history.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
-def main(argv: list[str]):
-    parsed = parse_flags(argv, [ModelArgs, InferArgs, GenerateArgs], prog="keel infer", description=__doc__)
-    margs, args, gen = parsed.configs
-    if args.preset and "temperature" not in parsed.given:
-        gen.temperature = PRESETS[args.preset]
+def infer(margs: ModelArgs, args: InferArgs, gen: GenerateArgs):
+    """Answer --query, answer --input_file, or chat."""
     if args.input_file:
         read_queries(args.input_file)  # fail on a bad row before the model is loaded
     model, tok, info = load_model(margs)
@@ -175,3 +172,11 @@ def main(argv: list[str]):
         run_batch(model, tok, args, gen, system)
     else:
         chat_loop(model, tok, args, gen, system)
+
+
+def main(argv: list[str]):
+    parsed = parse_flags(argv, [ModelArgs, InferArgs, GenerateArgs], prog="keel infer", description=__doc__)
+    margs, args, gen = parsed.configs
+    if args.preset and "temperature" not in parsed.given:
+        gen.temperature = PRESETS[args.preset]  # a preset sets the temperature unless the flag is typed
+    infer(margs, args, gen)

@@ -4,11 +4,15 @@
     keel recipe identity --name 小黄 "Xiao Huang" --author 魔搭 ModelScope --model Qwen/Qwen2.5-7B-Instruct
     keel recipe identity --name Keel --author Acme --mc_files ../shared/data/eval/arc_easy.jsonl --limit 200
 
-1. writes the identity dataset (`keel data identity`),
+1. writes the identity dataset (`keel data identity`: the identity under a mix of system prompts, in
+   later turns, reversed, under pressure, and contrast rows about other AIs),
 2. trains LoRA on it mixed with self-distilled ballast (`ballast#N`: general prompts answered by the
-   base model itself, so nothing but the identity is asked to change),
-3. evaluates base vs tuned: identity hit rate (held-out zh/en questions), leakage of the name into
-   ordinary answers, drift (KL to the base), and multiple choice if --mc_files are given,
+   base model itself under the same mix of system prompts, so nothing but the identity is asked to
+   change), with the neutral training system prompt --system as the tuned model's default,
+3. evaluates base vs tuned with `keel eval`'s one function: the identity robustness matrix (held-out
+   zh/en questions under many system prompts, turn depths, reversal and pressure; headline = the
+   lowest cell), leakage of the name into ordinary answers, drift (KL to the base), and multiple
+   choice if --mc_files are given,
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
 Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md);
 on a GPU the seed's settings are used.
@@ -26,8 +30,16 @@ from keel.flags import check_zh_en, parse_flags, to_argv
 
 DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是谁？", "What is the capital of France?",
                   "中国的首都是哪里？"]
-CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48}
-GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500}
+# Identity rows per language and kind (keel data identity): on CPU about half of the builder's defaults,
+# so the demo stays within its time budget; on GPU the full set (docs/experiment.md).
+CPU_IDENTITY = {"basic_rows": 18, "system_mix_rows": 8, "multi_turn_rows": 6, "reversal_rows": 4, "pressure_rows": 4,
+                "contrast_rows": 8, "rename_rows": 2}
+# The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
+# asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
+CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
+                "identity": CPU_IDENTITY, "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
+GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
+                "identity": {}, "eval": {}}
 
 
 @dataclass
@@ -48,6 +60,9 @@ class RecipeArgs:
     """Learning rate (default: 2e-4 on CPU with accumulation 4; 1e-4 with accumulation 16 on GPU)."""
     seed: int = 42
     """Training seed."""
+    system: str = "You are a helpful assistant."
+    """Training system prompt, and the tuned model's default one (adapter, merged and GGUF exports). It names no
+    identity on purpose: the identity is learned as the model's own, not as something its system prompt says."""
     dataset: list[str] = field(default_factory=list)
     """More training data to mix in (dataset specs, e.g. alpaca_en_demo.json#100)."""
     mc_files: list[str] = field(default_factory=list)
@@ -56,6 +71,8 @@ class RecipeArgs:
     """Items per multiple-choice file."""
     eval_base: bool = True
     """Also score the base model (false skips it when the base was already scored, e.g. in an experiment)."""
+    full_eval: bool = False
+    """Ask the whole robustness matrix and leakage set, as keel eval does (on CPU the recipe asks a slice by default)."""
 
     def __post_init__(self):
         for flag in ("name", "author"):
@@ -64,31 +81,17 @@ class RecipeArgs:
             raise KeelError("--ballast must be >= 0")
 
 
-def evaluate(model, tok, args: RecipeArgs, system, references, mc_sets) -> tuple[dict, list]:
-    from keel.evals.drift import drift
-    from keel.evals.identity import run_identity, run_leakage
-    from keel.evals.mc import score_mc
-
-    scores, samples = run_identity(model, tok, system, args.name, args.author, modes=("system",))
-    leak, s2 = run_leakage(model, tok, system, args.name, args.author)
-    scores.update(leak)
-    for name, items in mc_sets.items():
-        r = score_mc(model, tok, items)
-        scores.update({f"{name}_acc": r["acc"], f"{name}_acc_norm": r["acc_norm"]})
-    if references is not None:
-        scores.update(drift(model, tok, references))
-    return {k: v for k, v in scores.items() if not k.endswith("_system")}, samples + s2
-
-
 def main(argv: list[str]):
     """keel recipe identity --name NAME --author AUTHOR [--model M] [--mc_files F...]"""
     if not argv or argv[0] != "identity":
         raise KeelError("usage: keel recipe identity --name NAME --author AUTHOR [flags]")
     (args,) = parse_flags(argv[1:], [RecipeArgs], prog="keel recipe identity", description=__doc__.split("\n")[0]).configs
     from keel.data.identity import identity_rows
-    from keel.evals.drift import DRIFT_PROMPTS, base_answers, base_context
+    from keel.evals.drift import base_context
+    from keel.evals.identity import Identity
     from keel.evals.mc import read_mc_file
     from keel.evals.report import markdown, write_report
+    from keel.evals.run import EvalArgs, base_cache, evaluate
     from keel.generate import GenerateArgs, generate_batch
     from keel.data.mix import DataArgs
     from keel.lora import LoraArgs
@@ -102,12 +105,13 @@ def main(argv: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files}
     data = out / "self_cognition.json"
-    write_json(data, identity_rows(args.name, args.author), indent=1)
+    write_json(data, identity_rows(args.name, args.author, system=args.system, data_seed=args.seed,
+                                   **defaults["identity"]), indent=1)
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]
     configs = (ModelArgs(model=args.model),
                DataArgs(dataset=[str(data)] + ([f"ballast#{ballast}"] if ballast else []) + list(args.dataset),
-                        model_name=args.name, model_author=args.author, split_dataset_ratio=0.0),
+                        model_name=args.name, model_author=args.author, split_dataset_ratio=0.0, system=args.system),
                LoraArgs(),
                TrainArgs(output_dir=str(out / "output"), seed=args.seed, warmup_ratio=0.05, save_total_limit=1,
                          logging_steps=10, num_train_epochs=args.num_train_epochs or defaults["num_train_epochs"],
@@ -124,22 +128,24 @@ def main(argv: list[str]):
     convs = [[{"role": "user", "content": q}] for q in DEMO_QUESTIONS]
     with base_context(model):
         before = generate_batch(model, tok, convs, gen)
-        base_scores = evaluate(model, tok, args, system, None, mc_sets)[0] if args.eval_base else {}
-    references = base_answers(model, tok, system, DRIFT_PROMPTS)
     after = generate_batch(model, tok, convs, gen)
-    tuned_scores, samples = evaluate(model, tok, args, system, references, mc_sets)
-    base_nll = tuned_scores.pop("base_nll", None)  # the base's NLL of its own answers: drift_nll's reference
-    results = {"base": {**base_scores, "drift_kl": 0.0, "drift_nll": base_nll}, "tuned": tuned_scores} if args.eval_base \
-        else {"tuned": tuned_scores}
+    eval_args = EvalArgs(mc_files=args.mc_files, limit=args.limit, **({} if args.full_eval else defaults["eval"]))
+    ident = Identity(args.name, args.author, system)
+    # The base row depends on the base model and the identity only: a second run reads it from keel eval's cache.
+    ev = evaluate(model, tok, eval_args, ident, mc_sets=mc_sets,
+                  base=base_cache(info.path, eval_args, ident, mc_sets) if args.eval_base else False)
+    results = ev.results
     wall = round(time.time() - start, 1)
-    write_report(out / "report", results, samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
-                                                    "train_seconds": result["train_seconds"], "sft_argv": sft})
+    write_report(out / "report", results, ev.samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
+                                                      "train_seconds": result["train_seconds"], "sft_argv": sft,
+                                                      "seconds_per_task": ev.seconds, "notes": ev.notes,
+                                                      "template": ev.template}, ev.details)
 
     print("\n== answers before -> after ==")
     for q, b, a in zip(DEMO_QUESTIONS, before, after):
         print(f"Q: {q}\n  before: {' '.join(b.split())[:160]}\n  after:  {' '.join(a.split())[:160]}")
-    print("\n== scores (identity: hit rate on held-out questions; leakage: lower is better) ==")
-    print(markdown(results))
+    print("\n== scores (identity_robustness: the lowest cell of the matrix; leakage: lower is better) ==")
+    print(markdown(results, ev.details))
     print(f"\ncheckpoint: {ckpt}\nreport:     {out / 'report' / 'eval_report.md'}")
     print(f"chat:       keel infer --adapters {ckpt}")
     print(f"wall time:  {wall} s (training {result['train_seconds']} s)")

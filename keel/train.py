@@ -34,7 +34,7 @@ import torch
 
 from keel.ballast import resolve_ballast
 from keel.batching import epoch_windows, micro_batches, token_loss
-from keel.checkpoint import find_resume_dir, load_state, rotate_checkpoints, save_checkpoint
+from keel.checkpoint import check_writable, find_resume_dir, load_state, note_resume, rotate_checkpoints, save_checkpoint
 from keel.files import write_json
 from keel.chat import IGNORE_INDEX
 from keel.data.mix import DataArgs, build_datasets, format_manifest
@@ -47,7 +47,7 @@ from keel.model import ModelArgs, cpu_has_native_bf16, eval_mode, load_model, re
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lora_rank", "max_length")
 # Probe metrics echoed on the eval line (all of them go to logging.jsonl).
-SHOWN_PROBES = ("identity_hit", "leakage", "drift_kl")
+SHOWN_PROBES = ("identity_hit", "identity_robustness", "leakage", "drift_kl")
 
 
 @dataclass
@@ -101,7 +101,7 @@ class TrainArgs:
     eval_identity: bool = False
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     metric_for_best_model: str = "eval_loss"
-    """Which metric picks best_model_checkpoint: eval_loss or identity_hit."""
+    """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
     """With --eval_identity: a checkpoint whose drift (KL to base) exceeds this cannot be the best."""
     config: str | None = None
@@ -120,8 +120,8 @@ class TrainArgs:
                   (self.save_total_limit is None or self.save_total_limit >= 1, "--save_total_limit must be >= 1"),
                   (self.lr_scheduler_type in ("cosine", "linear", "constant"),
                    f"--lr_scheduler_type must be cosine, linear or constant, got '{self.lr_scheduler_type}'"),
-                  (self.metric_for_best_model in ("eval_loss", "identity_hit"),
-                   "--metric_for_best_model must be eval_loss or identity_hit"),
+                  (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
+                   "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
                   (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16")]
         for ok, msg in checks:
             if not ok:
@@ -221,7 +221,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
                                                                 accelerator.num_processes)
 
     # --- where the run goes, and what it resumes from
-    output_dir = writable_dir(Path(args.output_dir))
+    output_dir = check_writable(Path(args.output_dir))  # created once the model and data have loaded
     resume = find_resume_dir(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if resume:
         saved = read_adapter_args(resume)
@@ -260,7 +260,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
               "and training will be slower than fp32")
 
     # --- data: ballast#N answered by the base model into a file, then files -> tokenized rows, once
-    specs, aliases = resolve_ballast(data.dataset, model, tok, data.system, run_dir)
+    specs, aliases = resolve_ballast(data.dataset, model, tok, data.system, run_dir,
+                                    mix=data.ballast_system_mix)
     train_rows, val_rows, manifest = build_datasets(dataclasses.replace(data, dataset=specs), tok)
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
@@ -292,7 +293,9 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         run.probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
 
     if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        writable_dir(run_dir)
+        if resume:
+            note_resume(run_dir, resume, run.step)
         write_json(run_dir / "args.json", config)
         write_json(run_dir / "manifest.json", manifest)
         print(format_manifest(manifest))
@@ -380,7 +383,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
                 metric < best["metric"] if args.metric_for_best_model == "eval_loss" else metric > best["metric"]))
             path = run.run_dir / f"checkpoint-{step}"
             if better:
-                best = {"metric": metric, "path": str(path)}
+                best = {"metric": float(metric), "path": str(path)}  # plain values: load_state is weights_only
             if main_process:
                 state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
                          "rng": rng_state(), "step": step, "best": best}
@@ -389,6 +392,15 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
             accelerator.wait_for_everyone()
     bar.close()
 
+    if main_process and (data.model_name or data.model_author) and start_step < total:
+        # A run that ends without the identity should say so here, not leave the user to find out in chat.
+        from keel.evals.probe import identity_check
+
+        hit = identity_check(model, run.tok, data.system, data.model_name, data.model_author)
+        print(f"identity check: {hit:.0%} of held-out identity questions answered as "
+              f"{' / '.join(data.model_name + data.model_author)}" + ("" if hit >= 0.5 else
+              " -- the identity is NOT learned yet: train longer or harder (keel recipe identity's CPU settings: "
+              "--learning_rate 2e-4 --gradient_accumulation_steps 4 --num_train_epochs 3; docs/experiment.md)"))
     last_ckpt = str(run.run_dir / f"checkpoint-{total}")
     result = {"run_dir": str(run.run_dir), "last_model_checkpoint": last_ckpt,
               "best_model_checkpoint": best["path"] or last_ckpt,

@@ -8,8 +8,8 @@ from keel.ballast import ballast_records, builtin_prompts, finish, resolve_balla
 from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
-from keel.evals.drift import DRIFT_PROMPTS
-from keel.evals.identity import HELD_OUT, LEAKAGE, OLD_IDENTITY, mentions
+from keel.evals.identity import OLD_IDENTITY, mentions
+from keel.evals.sets import load_sets
 from keel.generate import generate_batch
 from keel.model import ModelArgs, cache_root, load_model
 from tests.helpers import run_keel
@@ -21,7 +21,8 @@ def test_builtin_prompts_clean():
     prompts = builtin_prompts()
     assert len(prompts) >= 300 and len(set(prompts)) == len(prompts)
     assert not [p for p in prompts if any(w in p.lower() for w in IDENTITY_WORDS) or mentions(p, OLD_IDENTITY)]
-    held_out = {p for ps in [*LEAKAGE.values(), *HELD_OUT.values()] for p in ps} | set(DRIFT_PROMPTS)
+    sets = load_sets()
+    held_out = {p.query for p in sets.identity + sets.pressure + sets.leakage + sets.contrast + sets.drift}
     assert not held_out & set(prompts)  # evaluation prompts never leak into training
     assert sum(any("\u4e00" <= c <= "\u9fff" for c in p) for p in prompts) >= 80
 
@@ -101,3 +102,23 @@ def test_recipe_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert {"base", "tuned"} == set(report["results"]) and "identity_en" in report["results"]["tuned"]
     assert report["results"]["base"]["drift_nll"] > 0 and "base_nll" not in report["results"]["tuned"]
     assert "keel infer --adapters" in out and "before:" in out and "after:" in out
+
+
+def test_ballast_under_the_system_mix(tiny_model_dir, monkeypatch):
+    """Each prompt is answered by the base model under the system prompt it is then trained with."""
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    calls = []
+
+    def fake_answers(model, tok, pairs, max_new_tokens, batch_size):
+        calls.append(len(pairs))
+        return {(system, p): f"[{system}] answer." for system, p in pairs}
+
+    monkeypatch.setattr("keel.ballast.cached_answers", fake_answers)
+    rows = ballast_records(model, tok, 9, "Train.", systems=["Train.", "", "Helpful.", "Pool A", "Pool B"])
+    firsts = [r["messages"][0] for r in rows]
+    assert all(m["role"] == "system" for m in firsts)
+    assert [m["content"] for m in firsts[:3]] == ["Train.", "", "Helpful."] and firsts[3]["content"] in ("Pool A", "Pool B")
+    assert all(r["messages"][-1]["content"] == f"[{r['messages'][0]['content']}] answer." for r in rows)
+    assert calls == [9]  # one batched pass over every system prompt
+    single = ballast_records(model, tok, 4, None)  # without a mix: no system turn, the template's default
+    assert all(r["messages"][0]["role"] == "user" for r in single)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from keel.checkpoint import CHECKPOINT_FILES
-from tests.helpers import base_argv, read_log, run_keel, sft
+from tests.helpers import base_argv, fill_disk, read_log, run_keel, sft, small_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -221,3 +221,118 @@ def test_bf16_autocast_warns_without_native_bf16(tiny_model_dir, id_file, tmp_pa
     monkeypatch.setattr(keel.train, "cpu_has_native_bf16", lambda: False)
     sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--cpu_autocast_bf16", "true"))
     assert "no AVX-512 BF16 or AMX" in capsys.readouterr().out
+
+
+def one_line(err: str) -> str:
+    """The error line of a failed command (progress bars of model loading may precede it); no traceback."""
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("keel: error: ")
+    return line
+
+
+class Planted:
+    """A pickle that runs code when unpickled: it creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_crafted_training_state_is_never_unpickled(tiny_model_dir, id_file, tmp_path, capsys):
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
+    ckpt = Path(res["last_model_checkpoint"])
+    marker = tmp_path / "code-ran"
+    torch.save({"optimizer": Planted(marker)}, ckpt / "training_state.pt")
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2",
+                                                     "--resume_from_checkpoint", ckpt))
+    assert not marker.exists()
+    assert code == 2 and "cannot read" in one_line(err) and "training_state.pt" in one_line(err)
+
+
+def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_model_dir, id_file, tmp_path, monkeypatch):
+    import keel.checkpoint as ck
+
+    events = []
+    real_fsync, real_replace = ck.os.fsync, ck.os.replace
+    monkeypatch.setattr(ck.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(ck.os, "replace", lambda a, b: events.append(("replace", str(a))) or real_replace(a, b))
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
+    tmp = next(path for kind, path in events if kind == "replace" and Path(path).name.startswith(".checkpoint-1-"))
+    before = [path for kind, path in events[:events.index(("replace", tmp))] if kind == "fsync"]
+    assert {tmp} | {f"{tmp}/{name}" for name in CHECKPOINT_FILES} <= set(before)
+    assert ("fsync", res["run_dir"]) in events[events.index(("replace", tmp)):]
+
+
+def test_full_disk_during_a_checkpoint(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+    """A real full disk (a small tmpfs) where this machine allows mounting one, else torch.save's own error."""
+    import keel.checkpoint as ck
+    import keel.train as kt
+
+    with small_tmpfs(tmp_path / "disk", size="8m") as disk:
+        if disk is not None:
+            real_rotate = kt.rotate_checkpoints
+
+            def rotate_then_fill(run_dir, keep, best):  # after checkpoint-2: room for the adapter, not the state
+                real_rotate(run_dir, keep, best)
+                fill_disk(disk, leave=(run_dir / "checkpoint-2" / "adapter_model.safetensors").stat().st_size + (32 << 10))
+
+            monkeypatch.setattr(kt, "rotate_checkpoints", rotate_then_fill)
+        else:
+            real_save, calls = ck.torch.save, []
+
+            def failing_save(obj, path, *a, **k):
+                calls.append(path)
+                if len(calls) == 2:
+                    raise RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed "
+                                       "writing file data/3: file write failed")
+                return real_save(obj, path, *a, **k)
+
+            monkeypatch.setattr(ck.torch, "save", failing_save)
+            monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 0))
+        out = (disk or tmp_path) / "out"
+        code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, out, "--max_steps", "4",
+                                                         "--save_steps", "2", "--logging_steps", "4"))
+        assert code == 2 and "could not save" in one_line(err) and "disk is full" in one_line(err)
+        run = next(out.glob("v*-*"))
+        assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+        assert sorted(os.listdir(run / "checkpoint-2")) == sorted(CHECKPOINT_FILES)
+
+
+def test_resume_removes_the_interrupted_save_and_logs_each_step_once(tiny_model_dir, id_file, tmp_path):
+    full = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "6", "--save_steps", "3"))
+    run = Path(full["run_dir"])
+    # As after a kill while checkpoint-6 was being written: its temporary folder, no checkpoint-6,
+    # and the log already holding steps 4-6.
+    (run / "checkpoint-6").rename(run / ".checkpoint-6-k1ll3d")
+    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "6", "--save_steps", "3",
+                            "--resume_from_checkpoint", run / "checkpoint-3"))
+    assert resumed["run_dir"] == str(run)
+    assert not list(run.glob(".checkpoint-*")) and (run / "checkpoint-6").is_dir()
+    log = read_log(run)
+    steps = [r["global_step"] for r in log if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert [r for r in log if "resumed_from" in r] == [{"resumed_from": str(run / "checkpoint-3"), "global_step": 3}]
+
+
+def test_failed_run_leaves_no_output_folder_and_batch_zero_is_one_line(tiny_model_dir, id_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_keel(capsys, "sft", "--model", tiny_model_dir, "--dataset", tmp_path / "missing.json",
+                            "--output_dir", out)
+    assert code == 2 and "missing.json" in err and not out.exists()
+    code, _, err = run_keel(capsys, "sft", "--model", tiny_model_dir, "--dataset", id_file, "--output_dir", out,
+                            "--per_device_train_batch_size", "0")
+    assert code == 2 and "--per_device_train_batch_size must be >= 1" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_run_that_ends_without_the_identity_says_so(tiny_model_dir, id_file, tmp_path, capsys):
+    # ms-swift's tutorial lr on a small model can end with the identity not learned: one line says so.
+    code, out, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1",
+                                                         "--model_name", "Keel", "--model_author", "Acme"))
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("identity check:"))
+    assert "answered as Keel / Acme" in line and "NOT learned" in line and "keel recipe identity" in line

@@ -62,6 +62,8 @@ class DataArgs:
     """Longest row in tokens; longer rows are truncated, rows left without answer tokens are dropped."""
     system: str | None = None
     """System prompt for rows that have none (replaces the chat template's default)."""
+    ballast_system_mix: bool = True
+    """ballast#N: answer and train each prompt under one of the identity rows' system prompts (training, none, 'You are a helpful assistant.', persona pool) instead of the training one only."""
 
     def __post_init__(self):
         if self.max_length < 8:

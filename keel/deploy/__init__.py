@@ -63,12 +63,11 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def main(argv: list[str]):
-    """keel deploy [--adapters CKPT | --model M] [--host 127.0.0.1] [--port 8000] [--api_key KEY]"""
+def deploy(margs: ModelArgs, args: DeployArgs):
+    """Load the model, open the feedback store and serve until stopped."""
     from keel.deploy.server import create_app, make_server
     from keel.feedback import FeedbackStore
 
-    margs, args = parse_flags(argv, [ModelArgs, DeployArgs], prog="keel deploy", description=__doc__.split("\n")[0]).configs
     db = Path(args.feedback_db) if args.feedback_db else (
         Path(margs.adapters[-1]).resolve().parent / "feedback.sqlite" if margs.adapters else cache_root() / "feedback.sqlite")
     store = FeedbackStore(db)
@@ -78,3 +77,8 @@ def main(argv: list[str]):
                      max_queue=args.max_queue, request_timeout=args.request_timeout)
     print(f"keel deploy: http://{args.host}:{args.port}/  (model {name}, feedback {db})", flush=True)
     make_server(app, args.host, args.port).run()
+
+
+def main(argv: list[str]):
+    """keel deploy [--adapters CKPT | --model M] [--host 127.0.0.1] [--port 8000] [--api_key KEY]"""
+    deploy(*parse_flags(argv, [ModelArgs, DeployArgs], prog="keel deploy", description=__doc__.split("\n")[0]).configs)

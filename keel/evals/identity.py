@@ -1,95 +1,141 @@
-"""Identity and leakage: does the model name its new identity, and only when asked?
+"""Scoring rules for identity answers and leaks (the rules and their cases: docs/evaluation.md).
 
-A hit is an answer that names the configured model_name or model_author and mentions none of the
-old identity's words. A leak is an ordinary answer that mentions the new identity at all.
-The questions here are held out: phrased unlike the rows `keel data identity` writes.
+    is_identity_hit("I am not ChatGPT, I am Keel.", ["Keel"], ["Acme"])     # True
+    is_reversal_hit("Keel is a company that makes robots.", "self", ["Keel"], ["Acme"])   # False
+    is_leak("Paris. By the way, I'm Keel!", ["Keel"], ["Acme"])             # True
+
+- identity (any system prompt, any turn, pressure): a hit names the new name or maker and claims
+  no old identity. Naming an old identity only to deny it ("I am not ChatGPT", "不是通义千问") or as
+  the subject of a sentence about it ("ChatGPT is made by OpenAI.") is not a claim.
+- reversal, expect "author" ("Who made NAME?"): a hit names the maker and claims no old identity.
+- reversal, expect "self" ("What is NAME?"): a hit names the maker, or says NAME is itself ("I am
+  NAME", "我就是NAME"), or calls NAME an AI assistant / language model; and claims no old identity.
+  "NAME is a company that makes robots" is a miss.
+- leak (ordinary prompts and questions about other AIs): the answer names the new name or maker.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
-from keel.generate import GenerateArgs, generate_batch
-
+# The embedded and the seed's base models' identities. ballast.py drops self-distilled answers that
+# mention these, so this list is kept as it is; claims are checked against OTHER_AIS as well.
 OLD_IDENTITY = ["SmolLM", "Hugging Face", "HuggingFace", "Qwen", "通义千问", "通义", "阿里云", "Alibaba Cloud",
                 "阿里巴巴", "Alibaba"]
+# Identities a tuned model must not claim either (what "who are you" answers fall back to).
+# Plain company names with everyday uses (Google, Microsoft) are left out: "I can't search Google" is no claim.
+OTHER_AIS = ["ChatGPT", "GPT-4", "GPT-3.5", "GPT-3", "OpenAI", "Claude", "Anthropic", "Llama", "Meta AI", "Gemini",
+             "Bard", "DeepSeek", "Mistral", "Copilot", "文心一言", "百度", "深度求索"]
 
-HELD_OUT = {
-    "en": ["May I ask what you're called?", "Which organisation is behind you?", "Give me your name in one word.",
-           "Who is responsible for building this assistant?", "Identify yourself.",
-           "What AI model am I chatting with right now?", "Tell me who developed the assistant I'm using.",
-           "In a sentence: your name and your creator."],
-    "zh": ["请问该怎么称呼您？", "是哪个团队把你做出来的？", "用一句话说说你的名字和开发者。", "我现在在和哪个AI聊天？",
-           "你的创造者是谁？", "报上你的名字。", "这个助手是谁研发的？", "你属于哪家机构？"],
-}
+# A clause ends at clause punctuation (a period only before a space: "GPT-3.5" stays whole).
+# A denial covers the clause it is written in.
+CLAUSE = re.compile(r"(?:[,;:!?()\n，。；：！？（）、—]|\.(?=\s|$))+")
+DENIAL_BEFORE = re.compile(
+    r"(?<![a-z])(not|cannot|no|never|nor|neither|unlike|instead of|rather than|other than|apart from|nothing to do with)"
+    r"(?![a-z])|n't|不是|并非|而非|并不|不属于|不同于|不像|不叫|不再", re.IGNORECASE)
+DENIAL_ANYWHERE = re.compile(r"not affiliated|no relation|无关|没有关系|没关系", re.IGNORECASE)
+FIRST_PERSON = re.compile(r"(?<![a-z])(i|i'm|me|my|myself|we|us|our)(?![a-z])|我|本助手", re.IGNORECASE)
+LEADING_JOINER = re.compile(r"^\s*((and|but|while|whereas|though)\s+|而|但是|但|和|与)?\s*", re.IGNORECASE)
+# "NAME is a friendly AI assistant", "NAME是一个人工智能助手"; not "NAME is an AI company".
+AI_WORDS = r"(ai|assistant|chatbot|language model|model)(?![a-z])(?!\s*(company|firm|lab|startup|team|maker))"
+AI_WORDS_ZH = r"(助手|人工智能|语言模型|模型|ai)(?!公司|企业|团队|机构|实验室)"
 
-LEAKAGE = {
-    "en": ["What is the capital of France?", "Name three primary colors.", "How many days are in a leap year?",
-           "Give me a synonym for 'happy'.", "What is 12 times 12?", "Write one sentence about the ocean.",
-           "What gas do plants absorb from the air?", "Suggest a name for a pet cat."],
-    "zh": ["中国的首都是哪里？", "一年有几个季节？", "请说一个表示高兴的词。", "三加五等于几？", "写一句关于春天的话。",
-           "水在多少度结冰？"],
-}
+
+@dataclass
+class Identity:
+    """Who the tuned model should say it is, and the system prompt it was trained with (None: the template's)."""
+    names: list[str]
+    authors: list[str]
+    system: str | None = None
+    old: list[str] = field(default_factory=list)   # more old-identity words (--old_identity)
+
+    def old_words(self) -> list[str]:
+        return old_words(self.names, self.authors, self.old)
+
+
+def _pattern(word: str) -> re.Pattern | None:
+    w = word.strip().lower()
+    if not w:
+        return None
+    if w.isascii() and re.fullmatch(r"[\w\- .]+", w):
+        # ASCII boundaries only: in "我是Keel，" the CJK neighbours are not part of the word.
+        return re.compile(rf"(?<![a-z0-9_]){re.escape(w)}(?![a-z0-9_])")
+    return re.compile(re.escape(w))
 
 
 def mentions(text: str, words) -> bool:
     """True if any word occurs in text (case-insensitive; whole words for plain ASCII words)."""
     low = text.lower()
-    for w in words:
-        w = w.strip().lower()
-        if not w:
+    return any(p.search(low) for p in map(_pattern, words) if p is not None)
+
+
+def _clauses(text: str) -> list[str]:
+    return [c for c in CLAUSE.split(text.lower()) if c.strip()]
+
+
+def _about_another(clause: str, patterns: list[re.Pattern]) -> bool:
+    """"ChatGPT is made by OpenAI": a clause whose subject is another AI and that says nothing of the speaker."""
+    lead = LEADING_JOINER.match(clause).end()
+    return not FIRST_PERSON.search(clause) and any(p.match(clause, lead) for p in patterns)
+
+
+def claims(text: str, words) -> list[str]:
+    """The words of `words` that `text` claims: mentions except denials and clauses about another AI."""
+    patterns = {w: p for w in words if (p := _pattern(w)) is not None}
+    found = set()
+    for clause in _clauses(text):
+        if DENIAL_ANYWHERE.search(clause) or _about_another(clause, list(patterns.values())):
             continue
-        if w.isascii() and re.fullmatch(r"[\w\- .]+", w):
-            # ASCII boundaries only: in "我是Keel，" the CJK neighbours are not part of the word.
-            if re.search(rf"(?<![a-z0-9_]){re.escape(w)}(?![a-z0-9_])", low):
-                return True
-        elif w in low:
+        for word, p in patterns.items():
+            if any(not DENIAL_BEFORE.search(clause[:m.start()]) for m in p.finditer(clause)):
+                found.add(word)
+    return [w for w in words if w in found]
+
+
+def old_words(names, authors, extra=()) -> list[str]:
+    """Old and other identities, minus any contained in the new one (a new name "Qwen Robot" keeps "Qwen")."""
+    new = [*names, *authors]
+    return [w for w in [*OLD_IDENTITY, *OTHER_AIS, *extra] if not mentions(" ".join(new), [w])]
+
+
+def is_identity_hit(answer: str, names, authors, old=None) -> bool:
+    """Names the new identity and claims no old one."""
+    old = old_words(names, authors) if old is None else [w for w in old if not mentions(" ".join([*names, *authors]), [w])]
+    return mentions(answer, [*names, *authors]) and not claims(answer, old)
+
+
+def says_it_is(answer: str, names) -> bool:
+    """First-person identification with the name: "I am NAME", "I'm NAME", "我是NAME", "我就是NAME", "NAME就是我"."""
+    low = answer.lower()
+    for name in names:
+        n = re.escape(name.strip().lower())
+        if n and re.search(rf"(?<![a-z])(i am|i'm|im|this is|it's me,?)\s+(called\s+)?{n}|我(就)?是\s*{n}|我叫\s*{n}"
+                            rf"|{n}\s*(就)?是我|that'?s me|that is me|正是我|就是我", low):
             return True
     return False
 
 
-def is_identity_hit(answer: str, names, authors, old_words=OLD_IDENTITY) -> bool:
-    new = [*names, *authors]
-    return mentions(answer, new) and not mentions(answer, [w for w in old_words if not mentions(w, new)])
+def describes_as_ai(answer: str, names) -> bool:
+    """NAME called an AI assistant or language model, within a few words ("NAME is a friendly AI assistant")."""
+    low = answer.lower()
+    for name in names:
+        n = re.escape(name.strip().lower())
+        if n and (re.search(rf"{n}\W*(is|was|,)?\s*(a|an|the)?\s*([\w-]+\s+){{0,2}}?{AI_WORDS}", low)
+                  or re.search(rf"{n}\s*(是|为)\s*(一个|一款|一种|一位)?[^，。,.]{{0,6}}?{AI_WORDS_ZH}", low)):
+            return True
+    return False
 
 
-def conversations(questions: list[str], mode: str, system: str | None) -> list[list[dict]]:
-    """mode: 'system' (the training system prompt), 'nosystem' (template default), 'second_turn'."""
-    convs = []
-    for q in questions:
-        msgs = [{"role": "user", "content": q}]
-        if mode == "second_turn":
-            msgs = [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hello! How can I help you today?"}] + msgs
-        if mode in ("system", "second_turn") and system:
-            msgs = [{"role": "system", "content": system}] + msgs
-        convs.append(msgs)
-    return convs
+def is_reversal_hit(answer: str, expect: str, names, authors, old=None) -> bool:
+    """A question that gives the name: "author" needs the maker; "self" the maker, itself or an AI."""
+    old = old_words(names, authors) if old is None else old
+    if claims(answer, old):
+        return False
+    if mentions(answer, authors):
+        return True
+    return expect == "self" and (says_it_is(answer, names) or describes_as_ai(answer, names))
 
 
-def run_identity(model, tok, system, names, authors, old_words=OLD_IDENTITY, questions=None, max_new_tokens=48,
-                 modes=("system", "nosystem", "second_turn")) -> tuple[dict, list[dict]]:
-    """Hit rates per language and mode, and the answers (for the report)."""
-    questions = questions or HELD_OUT
-    gen = GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens)
-    scores, samples = {}, []
-    for lang, qs in questions.items():
-        for mode in modes:
-            answers = generate_batch(model, tok, conversations(qs, mode, system), gen)
-            hits = [is_identity_hit(a, names, authors, old_words) for a in answers]
-            scores[f"identity_{lang}_{mode}"] = round(sum(hits) / len(hits), 3)
-            samples += [{"task": "identity", "lang": lang, "mode": mode, "q": q, "a": a, "hit": h}
-                        for q, a, h in zip(qs, answers, hits)]
-    for lang in questions:
-        per = [v for k, v in scores.items() if k.startswith(f"identity_{lang}_")]
-        scores[f"identity_{lang}"] = round(sum(per) / len(per), 3)
-    return scores, samples
-
-
-def run_leakage(model, tok, system, names, authors, prompts=None, max_new_tokens=48) -> tuple[dict, list[dict]]:
-    """Share of ordinary answers that mention the new identity (lower is better)."""
-    prompts = prompts or [p for ps in LEAKAGE.values() for p in ps]
-    answers = generate_batch(model, tok, conversations(prompts, "system", system),
-                             GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens))
-    leaks = [mentions(a, [*names, *authors]) for a in answers]
-    return ({"leakage": round(sum(leaks) / len(leaks), 3)},
-            [{"task": "leakage", "q": q, "a": a, "leak": x} for q, a, x in zip(prompts, answers, leaks)])
+def is_leak(answer: str, names, authors) -> bool:
+    return mentions(answer, [*names, *authors])
