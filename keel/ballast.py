@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.chat import with_system
+from keel.data.formats import user_prompts
 from keel.data.mix import parse_spec
 from keel.errors import KeelError
 from keel.evals.drift import base_context
@@ -36,22 +37,6 @@ SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 
 def builtin_prompts() -> list[str]:
     return [json.loads(line)["query"] for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def user_prompts(path: str) -> list[str]:
-    """The first user message of every row of a dataset file (its answers are ignored)."""
-    from keel.data.formats import load_records, read_rows
-
-    try:
-        records = load_records(path)
-        prompts = [next(m["content"] for m in r["messages"] if m["role"] == "user") for r in records]
-    except KeelError:
-        rows = read_rows(path)  # prompt-only files: {"query": ...} or {"instruction": ...} without answers
-        prompts = [r.get("query") or r.get("instruction") or r.get("prompt") or "" for r in rows]
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise KeelError(f"--prompts {path}: no usable prompts (rows need a user message, 'query' or 'instruction')")
-    return list(dict.fromkeys(prompts))
 
 
 def finish(answer: str, truncated: bool) -> str | None:
@@ -180,7 +165,7 @@ def main(argv: list[str]):
 def write_ballast(args: BallastArgs):
     from keel.model import ModelArgs, load_model
 
-    prompts = user_prompts(args.prompts) if args.prompts else None
+    prompts = user_prompts(args.prompts, "--prompts") if args.prompts else None
     model, tok, _ = load_model(ModelArgs(model=args.model))
     rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
                            systems=system_mix(args.system) if args.system_mix else None)

@@ -182,3 +182,21 @@ def load_records(path: str | Path) -> list[dict]:
     key = detect_format(rows[0], path)
     convert = CONVERTERS[key]
     return [convert(row, where(path, n)) for n, row in enumerate(rows, 1)]
+
+
+def user_prompts(path: str, flag: str) -> list[str]:
+    """The first user message of every row of a dataset file (answers are ignored), in order, unique.
+
+    Any dataset format; prompt-only rows ({"query"}, {"instruction"} or {"prompt"} without an answer)
+    are accepted too (ballast prompts, eval probe files). `flag` names the flag in the error.
+    """
+    try:
+        records = load_records(path)
+        prompts = [next((m["content"] for m in r["messages"] if m["role"] == "user"), "") for r in records]
+    except KeelError:
+        rows = read_rows(path)
+        prompts = [r.get("query") or r.get("instruction") or r.get("prompt") or "" for r in rows]
+    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise KeelError(f"{flag} {path}: no usable prompts (rows need a user message, 'query' or 'instruction')")
+    return list(dict.fromkeys(prompts))

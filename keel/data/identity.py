@@ -55,13 +55,13 @@ from keel.data.formats import read_text
 from keel.errors import KeelError
 from keel.files import write_json, write_jsonl
 from keel.flags import check_zh_en, parse_flags
+from keel.text import mentions
 
 HERE = Path(__file__).parent
 QA_FILE, POOL_FILE, EXCHANGES_FILE = HERE / "identity_qa.json", HERE / "system_pool.jsonl", HERE / "ordinary_exchanges.jsonl"
 HELPFUL = "You are a helpful assistant."
 SLOTS = ("none", "template", "system", "helpful", "pool")
 KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure", "contrast", "rename")
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
 ANY_PLACEHOLDER = re.compile(r"\{\{\s*\w*\s*\}\}")
 
 
@@ -175,15 +175,6 @@ def read_pool(path: str | Path) -> list[str]:
     if not prompts:
         raise KeelError(f"{path}: the system pool is empty (one prompt per line, or JSONL strings)")
     return prompts
-
-
-def mentions(text: str, words: list[str]) -> bool:
-    """True if any word occurs in text (case-insensitive; ASCII words on word boundaries)."""
-    low = text.lower()
-    for w in (w.strip().lower() for w in words):
-        if w and (re.search(rf"(?<![a-z0-9]){re.escape(w)}(?![a-z0-9])", low) if w.isascii() else w in low):
-            return True
-    return False
 
 
 def usable(groups: list[dict], new_words: list[str], answers_too: bool = False) -> list[dict]:

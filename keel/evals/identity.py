@@ -19,6 +19,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from keel.text import mentions, word_pattern
+
 # The embedded and the seed's base models' identities. ballast.py drops self-distilled answers that
 # mention these, so this list is kept as it is; claims are checked against OTHER_AIS as well.
 OLD_IDENTITY = ["SmolLM", "Hugging Face", "HuggingFace", "Qwen", "通义千问", "通义", "阿里云", "Alibaba Cloud",
@@ -54,22 +56,6 @@ class Identity:
         return old_words(self.names, self.authors, self.old)
 
 
-def _pattern(word: str) -> re.Pattern | None:
-    w = word.strip().lower()
-    if not w:
-        return None
-    if w.isascii() and re.fullmatch(r"[\w\- .]+", w):
-        # ASCII boundaries only: in "我是Keel，" the CJK neighbours are not part of the word.
-        return re.compile(rf"(?<![a-z0-9_]){re.escape(w)}(?![a-z0-9_])")
-    return re.compile(re.escape(w))
-
-
-def mentions(text: str, words) -> bool:
-    """True if any word occurs in text (case-insensitive; whole words for plain ASCII words)."""
-    low = text.lower()
-    return any(p.search(low) for p in map(_pattern, words) if p is not None)
-
-
 def _clauses(text: str) -> list[str]:
     return [c for c in CLAUSE.split(text.lower()) if c.strip()]
 
@@ -82,7 +68,7 @@ def _about_another(clause: str, patterns: list[re.Pattern]) -> bool:
 
 def claims(text: str, words) -> list[str]:
     """The words of `words` that `text` claims: mentions except denials and clauses about another AI."""
-    patterns = {w: p for w in words if (p := _pattern(w)) is not None}
+    patterns = {w: p for w in words if (p := word_pattern(w)) is not None}
     found = set()
     for clause in _clauses(text):
         if DENIAL_ANYWHERE.search(clause) or _about_another(clause, list(patterns.values())):

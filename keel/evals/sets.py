@@ -26,7 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.data.formats import load_records, parse_jsonl, read_rows, read_text
+from keel.data.formats import parse_jsonl, read_text, user_prompts
 from keel.errors import KeelError
 
 SETS_DIR = Path(__file__).parent / "sets"
@@ -95,24 +95,6 @@ def read_set(path: str | Path, name: str, flag: str | None = None) -> list[dict]
 def probes(rows: list[dict]) -> list[Probe]:
     return [Probe(lang=r["lang"], query=r["query"].strip(), expect=r.get("expect", ""), domain=r.get("domain", ""),
                   response=r.get("response", "")) for r in rows]
-
-
-def user_prompts(path: str, flag: str) -> list[str]:
-    """The first user message of every row of a dataset file (answers are ignored), in order, unique.
-
-    Any dataset format; prompt-only rows ({"query"}, {"instruction"} or {"prompt"} without an answer)
-    are accepted too, since a probe file has no answers to give.
-    """
-    try:
-        records = load_records(path)
-        prompts = [next((m["content"] for m in r["messages"] if m["role"] == "user"), "") for r in records]
-    except KeelError:
-        rows = read_rows(path)
-        prompts = [r.get("query") or r.get("instruction") or r.get("prompt") or "" for r in rows]
-    prompts = [p.strip() for p in prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise KeelError(f"{flag} {path}: no usable prompts (rows need a user message, 'query' or 'instruction')")
-    return list(dict.fromkeys(prompts))
 
 
 def read_system_prompts(path: str) -> dict[str, str]:
