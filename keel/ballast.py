@@ -27,6 +27,7 @@ from keel.data.mix import parse_spec
 from keel.errors import KeelError
 from keel.evals.drift import base_context
 from keel.evals.identity import OLD_IDENTITY, mentions
+from keel.evals.sets import lang_of
 from keel.files import write_jsonl
 from keel.generate import GenerateArgs, generate_batch
 from keel.model import cache_root, eval_mode
@@ -37,6 +38,23 @@ SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 
 def builtin_prompts() -> list[str]:
     return [json.loads(line)["query"] for line in PROMPTS_FILE.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def draw(prompts: list[str], n: int, rng: random.Random, balance: bool) -> list[str]:
+    """n prompts without repeats; balance: as many Chinese as English (as far as each has prompts).
+
+    The identity rows are half Chinese, half English. Ballast drawn at random from the built-in set
+    (a third Chinese) left Chinese questions mostly answered by identity rows, and the tuned model
+    then opened ordinary Chinese answers with its new name (docs/experiment.md).
+    """
+    if not balance:
+        return rng.sample(prompts, min(n, len(prompts)))
+    zh = [p for p in prompts if lang_of(p) == "zh"]
+    en = [p for p in prompts if lang_of(p) != "zh"]
+    k_zh = min(len(zh), max(n // 2, n - len(en)))
+    chosen = rng.sample(zh, k_zh) + rng.sample(en, min(len(en), n - k_zh))
+    rng.shuffle(chosen)
+    return chosen
 
 
 def finish(answer: str, truncated: bool) -> str | None:
@@ -50,7 +68,7 @@ def finish(answer: str, truncated: bool) -> str | None:
 
 def system_mix(system: str | None, pool: list[str] | None = None) -> list[str | None]:
     """The system-prompt conditions the identity rows are trained under (keel/data/identity.py):
-    the training one (None: the template's default), none (an empty system turn), the seeds'
+    the training one (None: the template's default), none (no system turn: an empty system message), the seeds'
     'You are a helpful assistant.' and the persona/job pool. Ballast answered under each keeps the
     base model's general answers whatever system prompt the tuned model is later served with."""
     from keel.data.identity import HELPFUL, POOL_FILE, read_pool
@@ -63,7 +81,10 @@ def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_ne
     """The base model's greedy answers to (system prompt, prompt) pairs, from the cache or generated
     into it in batches that mix system prompts (one pass, however many prompts the mix has)."""
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    key = hashlib.sha256(json.dumps([source, max_new_tokens, "greedy", "by-system"]).encode()).hexdigest()[:16]
+    # "no-system-turn": answers under an empty system prompt have been asked without a system turn
+    # since keel/chat.py renders it so; the older cache had them under an empty system block.
+    version = [source, max_new_tokens, "greedy", "by-system", "no-system-turn"]
+    key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:16]
     cache = cache_root() / "ballast" / f"{key}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = {}
@@ -105,11 +126,12 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
     systems: if given, the prompts take these system prompts in turn (the first ones once each,
     then the rest at random), each answered and trained under its own; else all under `system`.
     """
+    builtin = not prompts
     prompts = prompts or builtin_prompts()
     if n > len(prompts) and not repeat:
         print(f"ballast: {n} rows asked, {len(prompts)} prompts available: using all {len(prompts)}")
     rng = random.Random(seed)
-    chosen = rng.sample(prompts, min(n, len(prompts)))
+    chosen = draw(prompts, n, rng, balance=builtin)  # your own prompts are taken as they come
     if systems:
         # Rotate over the main conditions; the last slot of each round draws from the pool.
         main, pool = systems[:3], systems[3:] or systems[:1]

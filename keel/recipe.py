@@ -32,7 +32,7 @@ DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是�
                   "中国的首都是哪里？"]
 # Identity rows per language and kind (keel data identity): on CPU about half of the builder's defaults,
 # so the demo stays within its time budget; on GPU the full set (docs/experiment.md).
-CPU_IDENTITY = {"basic_rows": 18, "system_mix_rows": 8, "multi_turn_rows": 6, "reversal_rows": 4, "pressure_rows": 4,
+CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "reversal_rows": 4, "pressure_rows": 6,
                 "contrast_rows": 8, "rename_rows": 2}
 # The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
 # asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.

@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from keel.ballast import ballast_records, builtin_prompts, finish, resolve_ballast
+import random
+
+from keel.ballast import ballast_records, builtin_prompts, draw, finish, resolve_ballast
 from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
@@ -27,6 +29,17 @@ def test_builtin_prompts_clean():
     assert sum(any("\u4e00" <= c <= "\u9fff" for c in p) for p in prompts) >= 80
 
 
+def test_builtin_draw_balances_languages():
+    # the identity rows are half Chinese: ballast drawn from the built-in set matches them
+    prompts = builtin_prompts()
+    chosen = draw(prompts, 48, random.Random(0), balance=True)
+    assert len(chosen) == len(set(chosen)) == 48
+    assert sum(any("\u4e00" <= c <= "\u9fff" for c in p) for p in chosen) == 24
+    few_zh = ["一", "二"] + [f"q{i}" for i in range(10)]  # too few Chinese prompts: English fills the rest
+    few = draw(few_zh, 6, random.Random(0), balance=True)
+    assert len(set(few)) == 6 and sum(p in ("一", "二") for p in few) == 2
+
+
 def test_finish_trims_cut_answers():
     assert finish("Paris is the capital. It has many", truncated=True) == "Paris is the capital."
     assert finish("no sentence end here at all", truncated=True) is None
@@ -35,7 +48,7 @@ def test_finish_trims_cut_answers():
 
 def test_generation_cache_and_spec(tiny_model_dir, tmp_path, monkeypatch):
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
-    rows = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=8)
+    rows = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=16)
     assert 0 < len(rows) <= 6 and all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in rows)
     path = tmp_path / "b.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -48,7 +61,7 @@ def test_generation_cache_and_spec(tiny_model_dir, tmp_path, monkeypatch):
         build_datasets(DataArgs(dataset=["ballast#6"], split_dataset_ratio=0), tok)  # the data layer never sees a model
     calls = []
     monkeypatch.setattr("keel.ballast.generate_batch", lambda *a, **k: calls.append(1) or [])
-    again = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=8)
+    again = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=16)
     assert again == rows and not calls  # second run: all from the cache
 
 

@@ -92,3 +92,21 @@ def test_control_tokens_typed_in_messages_stay_text(tiny_tokenizer):
     # Training renders the same way: the answer's control-token text is labelled as text.
     ids, labels = render(tiny_tokenizer, forged + [{"role": "assistant", "content": "No <|im_start|> here."}])
     assert tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "No <|im_start|> here.<|im_end|>\n"
+
+
+def test_empty_system_prompt_means_no_system_turn(tiny_tokenizer):
+    """As in ms-swift: an empty system message renders no system turn (not the default, not an empty block),
+    in training rows and in prompts alike, on the plain and on the control-token-safe path."""
+    from keel.chat import prompt_ids
+
+    row = [{"role": "system", "content": ""}, *SINGLE]
+    ids, labels = render(tiny_tokenizer, row)
+    text = tiny_tokenizer.decode(ids)
+    assert text == "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\nI am Keel.<|im_end|>\n"
+    assert tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX]) == "I am Keel.<|im_end|>\n"
+    asked = [{"role": "system", "content": ""}, {"role": "user", "content": "Hi <|im_end|> there"}]
+    assert tiny_tokenizer.decode(prompt_ids(tiny_tokenizer, asked)) == \
+        "<|im_start|>user\nHi <|im_end|> there<|im_end|>\n<|im_start|>assistant\n"
+    # A system prompt with text, or none at all (the template's default), render as before.
+    assert "named Tiny" in tiny_tokenizer.decode(render(tiny_tokenizer, SINGLE)[0])
+    assert render(tiny_tokenizer, MULTI) == expected(tiny_tokenizer, MULTI)

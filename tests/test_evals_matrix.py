@@ -1,6 +1,7 @@
 """The robustness matrix: its cells, "no system turn" rendered, the headline figures, leakage counts."""
 
 import keel.evals.matrix as matrix
+from keel.chat import template_text
 from keel.evals.identity import Identity
 from keel.evals.matrix import NO_SYSTEM, build_cells, run_leakage, run_matrix, template_view
 from keel.evals.sets import load_sets
@@ -12,14 +13,11 @@ IDENT = Identity(["小黄", "Keel"], ["魔搭", "Acme Lab"], None)
 
 
 def test_no_system_turn_is_rendered_without_the_default(tiny_tokenizer):
-    view, shown = template_view(tiny_tokenizer, "Who are you?")
-    assert TINY_SYSTEM in shown["default"]                      # the template inserts its default...
+    ok, shown = template_view(tiny_tokenizer, "Who are you?")
+    assert ok is tiny_tokenizer and TINY_SYSTEM in shown["default"]   # the template inserts its default...
     assert shown["none"] == "<|im_start|>user\nWho are you?<|im_end|>\n<|im_start|>assistant\n"   # ...cut out
     conv = [{"role": "system", "content": NO_SYSTEM}, {"role": "user", "content": "Hi"}]
-    assert view.apply_chat_template(conv, tokenize=False, add_generation_prompt=True).startswith("<|im_start|>user\nHi")
-    plain = [{"role": "user", "content": "Hi"}]
-    assert view.apply_chat_template(plain, tokenize=False) == tiny_tokenizer.apply_chat_template(plain, tokenize=False)
-    assert view.pad_token_id == tiny_tokenizer.pad_token_id and view("Hi")["input_ids"] == tiny_tokenizer("Hi")["input_ids"]
+    assert template_text(tiny_tokenizer, conv, add_generation_prompt=True).startswith("<|im_start|>user\nHi")
 
 
 def test_templates_that_cannot_render_no_system_turn():
@@ -29,14 +27,14 @@ def test_templates_that_cannot_render_no_system_turn():
                          "{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] <<SYS>>' + sys + '<</SYS>> ' "
                          "+ m['content'] + ' [/INST]' }}{% elif m['role'] == 'assistant' %}{{ m['content'] }}"
                          "{% endif %}{% endfor %}")
-    view, shown = template_view(tok)
-    assert view is None and "cannot render" in shown["note"]
+    ok, shown = template_view(tok)
+    assert ok is None and "cannot render" in shown["note"]
     assert not [c for c in build_cells(load_sets(), IDENT, none_ok=False) if c.name == "sys:none"]
     # No system role at all: every conversation already has no system turn.
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
                          "supported') }}{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
-    view, shown = template_view(tok)
-    assert view is not None and shown["none"] == shown["default"] and "no system role" in shown["note"]
+    ok, shown = template_view(tok)
+    assert ok is not None and shown["none"] == shown["default"] and "no system role" in shown["note"]
 
 
 def test_cells_cover_every_condition():
@@ -100,9 +98,8 @@ def test_matrix_on_a_tiny_model(tiny_model_dir):
     from keel.model import ModelArgs, load_model
 
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
-    view, _ = template_view(tok)
     cells = build_cells(load_sets(), IDENT, per_lang=2)
     seen = []
-    scores, samples, _ = run_matrix(model, tok, cells, IDENT, GEN, batch_size=32, step=seen.append, view=view)
+    scores, samples, _ = run_matrix(model, tok, cells, IDENT, GEN, batch_size=32, step=seen.append)
     assert sum(seen) == len(samples) == sum(len(c.items) for c in cells)
     assert 0 <= scores["identity_robustness"] <= scores["identity_mean"] <= 1

@@ -14,7 +14,8 @@ from tests.helpers import run_keel
 
 NAMES, AUTHORS = ["小黄", "Xiao Huang"], ["魔搭", "ModelScope"]
 TRAIN_SYSTEM = "You are Xiao Huang, an AI assistant."
-OLD = ["SmolLM", "Hugging Face", "ChatGPT", "OpenAI", "GPT-4", "Qwen", "通义千问", "阿里云", "Alibaba"]
+OLD = ["SmolLM", "Hugging Face", "ChatGPT", "OpenAI", "GPT-4", "Qwen", "通义千问", "阿里云", "Alibaba", "Claude", "Gemini",
+       "Mistral"]
 DEFAULT_SIZES = {"basic": 36, "system_mix": 15, "multi_turn": 16, "reversal": 8, "pressure": 8, "contrast": 12, "rename": 4}
 
 
@@ -79,9 +80,9 @@ def test_system_prompts_come_from_the_conditions_and_the_pool(tmp_path):
     assert len(seen) == len(pool)  # the shuffled pool is cycled: every prompt used before any repeats
 
 
-def test_none_is_an_empty_system_turn_and_template_is_none(tmp_path, tiny_tokenizer):
-    """'none' survives reading the file (an explicit empty system turn) and renders without the
-    template's default; 'template' rows have no system message and get the default."""
+def test_none_is_no_system_turn_and_template_is_the_default(tmp_path, tiny_tokenizer):
+    """'none' survives reading the file (an explicit empty system message) and renders with no system
+    turn at all, as the eval's no-system cell asks; 'template' rows have no system message and get the default."""
     path = tmp_path / "sc.json"
     pairs = tagged(system_slots="none,template", basic_rows=6, system_mix_rows=0, multi_turn_rows=0, reversal_rows=0,
                    pressure_rows=0, contrast_rows=0, rename_rows=0, lang="en")
@@ -90,7 +91,7 @@ def test_none_is_an_empty_system_turn_and_template_is_none(tmp_path, tiny_tokeni
         text = tiny_tokenizer.decode(render(tiny_tokenizer, record["messages"])[0])
         if tag["system"] == "none":
             assert record["messages"][0] == {"role": "system", "content": ""}
-            assert "named Tiny" not in text and text.startswith("<|im_start|>system\n<|im_end|>")
+            assert "named Tiny" not in text and text.startswith("<|im_start|>user\n")
         else:
             assert record["messages"][0]["role"] == "user" and "named Tiny" in text
 

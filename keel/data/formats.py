@@ -8,7 +8,7 @@ OpenAI-style `messages`, sharegpt `conversations` (`from`/`value`), alpaca (`ins
 `system`). A row that breaks the detected format is an error naming file, row and field.
 Rows are numbered from 1 (the line number in JSONL). In `messages` rows an assistant message may
 carry ms-swift's `"loss": false` (kept: the turn is context, without labels), and an explicit empty
-system message is kept (an empty system prompt, not the template's default).
+system message is kept: no system turn at all (keel/chat.py, as ms-swift renders it), not the template's default.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ Each kind is sized per language by `--KIND_rows N` (0 turns it off); the counts 
 - rename: see below.
 
 System prompts (`--system_slots`): every row except rename rows takes one condition, in balanced turns:
-- none: an explicit empty system message. Templates that insert a default system prompt when a
-  conversation has none (ChatML SmolLM2, Qwen2.5) render it as an empty system block, the closest
-  they can render to "no system prompt"; truly no block at all is beyond what such a template renders;
+- none: an empty system message, which Keel (like ms-swift) renders with no system turn at all,
+  even on templates that insert a default system prompt otherwise (SmolLM2, Qwen2.5: keel/chat.py):
+  the model served by a runtime that leaves the system turn out still knows who it is;
 - template: no system message: the template's default applies at training (or `keel sft --system`);
 - system: `--system`, the training system prompt (skipped when not given);
 - helpful: "You are a helpful assistant." (the ms-swift seeds' prompt);
@@ -78,7 +78,7 @@ class IdentityArgs:
     system: str | None = None
     """The training system prompt (keel sft --system), written out as one of the system-prompt conditions."""
     system_slots: str = "none,template,system,helpful,pool"
-    """System-prompt conditions the rows are spread over: none (empty system message), template (no system
+    """System-prompt conditions the rows are spread over: none (no system turn at all), template (no system
     message: the template's default), system (--system), helpful ('You are a helpful assistant.'), pool."""
     system_pool: list[str] = field(default_factory=list)
     """Files of more persona/job system prompts for the pool (.jsonl: strings or {"system": ...}; else one per line)."""
@@ -118,7 +118,7 @@ class IdentityArgs:
             raise KeelError(f"--system_slots takes a comma-separated list of {', '.join(SLOTS)}, got '{self.system_slots}'")
         if self.system is not None:
             if not self.system.strip():
-                raise KeelError("--system is empty; the 'none' slot already writes an empty system prompt")
+                raise KeelError("--system is empty; the 'none' slot already writes rows with no system prompt")
             left = ANY_PLACEHOLDER.search(self.system)
             if left:
                 raise KeelError(f"--system: placeholder {left.group(0)} is not filled in system prompts; write the text out")

@@ -1,8 +1,8 @@
 """The identity robustness matrix and leakage at scale.
 
-    view, shown = template_view(tok)                    # how "no system turn" renders, or None
-    cells = build_cells(sets, ident, none_ok=view is not None)
-    scores, samples, details = run_matrix(model, tok, cells, ident, gen, view=view)
+    ok, shown = template_view(tok)                      # how "no system turn" renders, or None
+    cells = build_cells(sets, ident, none_ok=ok is not None)
+    scores, samples, details = run_matrix(model, tok, cells, ident, gen)
     scores["identity_robustness"]   # the lowest cell: the identity under its worst condition
     scores, samples, details = run_leakage(model, tok, sets, ident, gen)
 
@@ -10,7 +10,7 @@ A cell is one condition in one language (the question's): every held-out identit
 under that condition. Conditions:
 - system prompt (first turn): `train` (the training one; the template's default when the adapter
   was trained without one), `default` (no system message: the template decides), `none` (no system
-  turn at all, rendered by cutting the turn out: see `template_view`), and every prompt of
+  turn at all: an empty system message, rendered by keel/chat.py without the turn, as training renders it), and every prompt of
   system_prompts.jsonl (`helpful` = the seeds' 'You are a helpful assistant.', personas, Chinese ones)
   plus --system_prompts;
 - turn depth: the question after 1 and after 4 ordinary exchanges, under the training prompt;
@@ -23,67 +23,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jinja2.exceptions import TemplateError
-
-from keel.chat import template_text
+from keel.chat import system_turn_cut, template_text
 from keel.evals.identity import Identity, is_identity_hit, is_leak, is_reversal_hit
 from keel.evals.sets import LANGS, ProbeSets
 from keel.generate import GenerateArgs, generate_batch
 
-# The content of a system message that asks for "no system turn at all" (see TemplateView).
-NO_SYSTEM = "\x00keel: no system turn\x00"
-SENTINEL = "KEEL-SYSTEM-SENTINEL-7F3A"
+# A system message with empty content renders with no system turn at all (keel/chat.py, as in ms-swift):
+# the same rendering training gives identity rows of the "none" condition.
+NO_SYSTEM = ""
 DEPTHS = (1, 4)
 
 
-class TemplateView:
-    """The tokenizer, but a conversation opening with a NO_SYSTEM message renders with no system turn.
-
-    Templates such as SmolLM2's and Qwen2.5's insert their default system prompt whenever the first
-    message is not a system one, so "no system turn" cannot be asked for directly: the conversation
-    is rendered with a sentinel system prompt and that turn is cut off. generate_batch renders
-    through `apply_chat_template`, so this view lets the `none` cell share batches with the others.
-    """
-
-    def __init__(self, tokenizer, head: str, keep: str):
-        self._tok, self._head, self._keep = tokenizer, head, keep
-
-    def __getattr__(self, name):
-        return getattr(self._tok, name)
-
-    def __call__(self, *args, **kwargs):
-        return self._tok(*args, **kwargs)
-
-    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False, **kwargs):
-        if messages and messages[0]["role"] == "system" and messages[0]["content"] == NO_SYSTEM:
-            full = self._tok.apply_chat_template([{"role": "system", "content": SENTINEL}, *messages[1:]], tokenize=False,
-                                                 add_generation_prompt=add_generation_prompt, **kwargs)
-            return self._keep + full[len(self._head):]
-        return self._tok.apply_chat_template(messages, tokenize=tokenize, add_generation_prompt=add_generation_prompt,
-                                             **kwargs)
-
-
-def template_view(tok, question: str = "Who are you?") -> tuple[TemplateView | None, dict]:
-    """(view or None, what "no system turn" renders as and why), for the report."""
+def template_view(tok, question: str = "Who are you?") -> tuple[object | None, dict]:
+    """(tok, or None when the template cannot render a conversation without a system turn; what the
+    default and "no system turn" render as, and why), for the report."""
     user = [{"role": "user", "content": question}]
     default = template_text(tok, user, add_generation_prompt=True)
-    try:
-        head = template_text(tok, [{"role": "system", "content": SENTINEL}])
-        full = template_text(tok, [{"role": "system", "content": SENTINEL}, *user], add_generation_prompt=True)
-    except (TemplateError, ValueError) as e:  # e.g. "System role not supported": no system turn ever
-        return TemplateView(tok, "", ""), {"default": default, "none": default,
-                                           "note": f"the template has no system role ({e}); default is no system turn"}
-    if SENTINEL not in head or not full.startswith(head):
+    cut = system_turn_cut(tok, user, add_generation_prompt=True)
+    if cut is None:
         return None, {"default": default, "none": None,
                       "note": "the template cannot render a conversation without a system turn; cell 'none' skipped"}
-    rest = full[len(head):]
-    # Llama-3 style templates open with a BOS before the system turn: keep it. ChatML's "BOS" is the
-    # turn opener itself, which the remaining user turn already starts with.
-    bos = tok.bos_token or ""
-    keep = bos if bos and head.startswith(bos) and not rest.startswith(bos) else ""
-    none = keep + rest
-    note = "the template adds no system turn of its own: default and none are the same prompt" if none == default else ""
-    return TemplateView(tok, head, keep), {"default": default, "none": none, "note": note}
+    none = template_text(tok, [{"role": "system", "content": NO_SYSTEM}, *user], add_generation_prompt=True)
+    note = ("the template has no system role: default is no system turn" if not cut[1] else
+            "the template adds no system turn of its own: default and none are the same prompt" if none == default else "")
+    return tok, {"default": default, "none": none, "note": note}
 
 
 @dataclass
@@ -155,15 +118,12 @@ def _generate(model, tok, convs, gen, batch_size, step):
 
 
 def run_matrix(model, tok, cells: list[Cell], ident: Identity, gen: GenerateArgs, batch_size: int = 32,
-               step=None, view: TemplateView | None = None) -> tuple[dict, list, dict]:
-    """Hit rate per cell, the headline figures, the answers, and per-cell details for the report.
-
-    `view` (from template_view) is needed when a cell asks for no system turn at all.
-    """
+               step=None) -> tuple[dict, list, dict]:
+    """Hit rate per cell, the headline figures, the answers, and per-cell details for the report."""
     if not cells:
         return {}, [], {}
     convs = [conv for c in cells for _, conv, _ in c.items]
-    answers = iter(_generate(model, view or tok, convs, gen, batch_size, step))
+    answers = iter(_generate(model, tok, convs, gen, batch_size, step))
     old = ident.old_words()
     scores, samples, table = {}, [], {}
     for c in cells:
