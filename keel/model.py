@@ -50,10 +50,15 @@ class ModelArgs:
     """Weights dtype: bfloat16, float16 or float32. Default: bfloat16 on CUDA, float32 on CPU (where bfloat16/float16 are noted and computed in float32)."""
     model_type: str | None = None
     """ms-swift's model type (e.g. qwen2_5). Accepted for compatibility and not used: the architecture and chat template come from the model's own files."""
+    num_threads: int | None = None
+    """CPU threads for this process's matrix work (torch.set_num_threads). Default: torch's, one per core; give each of two processes sharing a machine a share of the cores (docs/performance.md)."""
 
     def __post_init__(self):
         if self.torch_dtype is not None and self.torch_dtype not in DTYPES:
             raise KeelError(f"--torch_dtype: '{self.torch_dtype}' is not one of bfloat16, float16, float32")
+        cpus = os.cpu_count() or 1
+        if self.num_threads is not None and not 1 <= self.num_threads <= cpus:
+            raise KeelError(f"--num_threads must be between 1 and {cpus} (this machine's CPUs), got {self.num_threads}")
         for a in self.adapters:
             if not Path(a).is_dir():
                 raise KeelError(f"--adapters: folder '{a}' does not exist")
@@ -61,8 +66,8 @@ class ModelArgs:
                 raise KeelError(f"--adapters: '{a}' has no adapter_config.json (not a PEFT adapter folder)")
 
 
-def pick_device_dtype(torch_dtype: str | None = None):
-    """The one place that decides where and in what precision models run.
+def pick_device_dtype(torch_dtype: str | None = None, num_threads: int | None = None):
+    """The one place that decides where, in what precision and on how many CPU threads models run.
 
     CUDA: bfloat16, or the --torch_dtype asked for. CPU: float32 whatever was asked. ms-swift's
     tutorials pass `--torch_dtype bfloat16`; on a CPU without AVX-512 BF16 or AMX bf16 matmuls are
@@ -74,6 +79,8 @@ def pick_device_dtype(torch_dtype: str | None = None):
     from keel.flags import note_once
 
     name = DTYPES.get(torch_dtype) if torch_dtype else None
+    if num_threads is not None:      # also on CUDA: tokenizing, sampling and the optimizer step run on the CPU
+        torch.set_num_threads(num_threads)
     if torch.cuda.is_available():
         return torch.device("cuda"), getattr(torch, name or "bfloat16")
     if os.environ.get("CUDA_VISIBLE_DEVICES", "").strip() not in ("", "-1"):
@@ -257,7 +264,7 @@ def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None):
     """Load (model, tokenizer, info). Adapters beyond the last are merged in, in order."""
     spec = base_model_spec(args)
     path, name = resolve_model_path(spec)
-    dev, dtype = pick_device_dtype(args.torch_dtype)
+    dev, dtype = pick_device_dtype(args.torch_dtype, args.num_threads)
     dev = device or dev
     try:
         tokenizer = load_tokenizer(path)

@@ -67,7 +67,8 @@ class EvalArgs:
     system: str | None = None
     """The training system prompt (default: the adapter's; none saved means the template's default)."""
     batch_size: int = 16
-    """Sequences per forward pass of multiple-choice scoring (each holds the logits of its whole sequence)."""
+    """Items per forward pass of multiple-choice scoring (each item's shared context once, its options after it;
+    the output head only at the options' tokens)."""
     generate_batch_size: int = 32
     """Conversations answered together (identity, leakage, drift): larger batches answer faster, at more memory."""
     max_new_tokens: int = 32
@@ -109,15 +110,14 @@ class Evaluation:
     template: dict = field(default_factory=dict)  # how "default" and "no system turn" render
 
 
-def _score_row(model, tok, row: str, args: EvalArgs, ident: Identity, sets: ProbeSets, mc_sets: dict, matrix,
+def _score_row(model, tok, row: str, args: EvalArgs, ident: Identity, sets: ProbeSets, mc_sets: dict, cells,
                progress: Progress) -> tuple[dict, dict, list]:
     """One row's identity, leakage and multiple-choice scores (drift needs both rows: see evaluate)."""
     tasks, scores, details, samples = args.task_list(), {}, {}, []
     gen = GenerateArgs(temperature=0.0, max_new_tokens=args.max_new_tokens)
-    cells, view = matrix
     if cells:
         with progress.bar(f"{row} · identity matrix", sum(len(c.items) for c in cells)) as step:
-            s, smp, d = run_matrix(model, tok, cells, ident, gen, args.generate_batch_size, step, view)
+            s, smp, d = run_matrix(model, tok, cells, ident, gen, args.generate_batch_size, step)
         scores.update(s)
         details.update(d)
         samples.extend(smp)
@@ -128,9 +128,10 @@ def _score_row(model, tok, row: str, args: EvalArgs, ident: Identity, sets: Prob
         details.update(d)
         samples.extend(smp)
     for name, items in mc_sets.items():
-        with progress.bar(f"{row} · mc {name} ({len(items)} items)", count_requests(items), unit="choice") as step:
+        with progress.bar(f"{row} · mc {name} ({len(items)} items)", count_requests(items), unit="option") as step:
             r = score_mc(model, tok, items, args.batch_size, step)
-        scores.update({f"{name}_acc": r["acc"], f"{name}_acc_norm": r["acc_norm"]})
+        scores.update({f"{name}_acc": r["acc"], f"{name}_acc_norm": r["acc_norm"]}
+                      | ({f"{name}_truncated": r["truncated"]} if r["truncated"] else {}))
     return scores, details, [{"row": row, **s} for s in samples]
 
 
@@ -166,8 +167,9 @@ def evaluate(model, tok, args: EvalArgs, ident: Identity, sets: ProbeSets | None
         mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files} if "mc" in tasks else {}
     progress = progress or Progress()
     ev = Evaluation()
-    view, ev.template = template_view(tok)
-    cells = build_cells(sets, ident, none_ok=view is not None, per_lang=args.questions_per_cell) if "identity" in tasks else []
+    renders, ev.template = template_view(tok)
+    cells = (build_cells(sets, ident, none_ok=renders is not None, per_lang=args.questions_per_cell)
+             if "identity" in tasks else [])
     if ev.template["note"] and "identity" in tasks:
         ev.notes.append(ev.template["note"])
     if "identity" in tasks and ident.system is None:
@@ -183,12 +185,12 @@ def evaluate(model, tok, args: EvalArgs, ident: Identity, sets: ProbeSets | None
         elif has_base and base:
             with base_context(model):
                 ev.results["base"], ev.details["base"], ev.samples = _score_row(model, tok, "base", args, ident, sets,
-                                                                                mc_sets, (cells, view), progress)
+                                                                                mc_sets, cells, progress)
             if cache is not None:  # kept before drift: drift's base figures come with the tuned row
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 write_json(cache, {"scores": ev.results["base"], "details": ev.details["base"], "samples": ev.samples})
         row = "tuned" if has_base else "model"
-        ev.results[row], ev.details[row], smp = _score_row(model, tok, row, args, ident, sets, mc_sets, (cells, view),
+        ev.results[row], ev.details[row], smp = _score_row(model, tok, row, args, ident, sets, mc_sets, cells,
                                                            progress)
         ev.samples += smp
         if "drift" in tasks and has_base:
