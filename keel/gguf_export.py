@@ -10,6 +10,8 @@ chat template, so the file is self-contained.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 from pathlib import Path
@@ -20,7 +22,10 @@ from keel.errors import KeelError
 
 # HF model_type -> (gguf architecture, pre-tokenizer name, permute q/k for llama.cpp's rope layout)
 ARCHS = {"llama": ("LLAMA", "smollm", True), "qwen2": ("QWEN2", "qwen2", False)}
-QUANTS = ("f32", "f16", "q8_0")
+# Written by the gguf library from the merged weights; the k-quants by llama.cpp's quantizer from an f16 file.
+WRITE_QUANTS = ("f32", "f16", "q8_0")
+K_QUANTS = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M"}
+QUANTS = (*WRITE_QUANTS, *K_QUANTS)
 
 
 def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -58,8 +63,8 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
     cfg = model.config
     if cfg.model_type not in ARCHS:
         raise KeelError(f"GGUF export supports {', '.join(ARCHS)} models; this one is '{cfg.model_type}'")
-    if quant not in QUANTS:
-        raise KeelError(f"--quant must be one of {', '.join(QUANTS)}, got '{quant}'")
+    if quant not in WRITE_QUANTS:
+        raise KeelError(f"--quant must be one of {', '.join(WRITE_QUANTS)} here (k-quants: quantize_gguf), got '{quant}'")
     arch_name, pre, permute = ARCHS[cfg.model_type]
     arch = getattr(gguf.MODEL_ARCH, arch_name)
     n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -127,17 +132,110 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
     return path
 
 
-def modelfile(gguf_name: str, system: str | None, chat_template: str) -> str:
-    """An Ollama Modelfile for a ChatML model (the template family of SmolLM2 and Qwen2.5)."""
-    if "<|im_start|>" not in chat_template:
-        raise KeelError("the Ollama Modelfile is written for ChatML templates only")
-    lines = [f"FROM ./{gguf_name}", 'TEMPLATE """' + MODELFILE_TEMPLATE + '"""']
-    if system:
+def quantize_gguf(src: Path, dst: Path, quant: str) -> Path:
+    """Quantize an f16/f32 GGUF to a k-quant with llama.cpp's own quantizer (as `llama-quantize` does).
+
+    Tensors whose rows are not a multiple of 256 cannot hold k-quant blocks; llama.cpp then picks
+    its fallback type for them (q5_0/q5_1/q8_0, or f16), as it does for every model.
+    """
+    from keel.deploy.llama_backend import require_llama_cpp
+
+    lc = require_llama_cpp()
+    if quant not in K_QUANTS:
+        raise KeelError(f"--quant {quant}: llama.cpp's quantizer is used for {', '.join(K_QUANTS)} only")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = getattr(lc, K_QUANTS[quant])
+    params.nthread = len(os.sched_getaffinity(0))
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        with quiet_fds() as log:  # llama.cpp logs every tensor; only a failure's last words are kept
+            failed = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if failed:
+            tmp.unlink(missing_ok=True)
+            last = next((l for l in reversed("".join(log).splitlines()) if l.strip()), "no message")
+            raise KeelError(f"llama.cpp could not quantize {src.name} to {quant}: {last.strip()}")
+        os.replace(tmp, dst)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KeelError(f"could not write {dst}: {e.strerror}") from None
+    return dst
+
+
+@contextlib.contextmanager
+def quiet_fds():
+    """Send this process's C-level stdout and stderr to a temporary file for the block; yields a list that
+    holds what was written there once the block has ended."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    text: list[str] = []
+    with tempfile.TemporaryFile() as log:
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield text
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            log.seek(0)
+            text.append(log.read().decode("utf-8", errors="replace"))
+
+
+# Ollama Modelfile: the chat-template families Keel can write a TEMPLATE for. Each family says how
+# one message renders, and the Go template (Ollama's text/template) that renders the same text.
+# Ollama passes system messages both as .System and inside .Messages, so the range skips them.
+CHATML_GO = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+             "{{- range .Messages }}{{- if ne .Role \"system\" }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n"
+             "{{ end }}{{- end }}<|im_start|>assistant\n")
+FAMILIES = {
+    "chatml": {"message": "<|im_start|>{role}\n{content}<|im_end|>\n", "prompt": "<|im_start|>assistant\n",
+               "go": CHATML_GO, "stop": ["<|im_end|>", "<|im_start|>"], "models": "SmolLM2, Qwen2.5"},
+}
+MODELFILE_TEMPLATE = CHATML_GO
+PROBE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Who?"}]
+
+
+def render_family(family: dict, system: str | None, messages: list[dict]) -> str:
+    """What the family's Go template renders for this system prompt and these (non-system) messages."""
+    turns = ([{"role": "system", "content": system}] if system else []) + [m for m in messages if m["role"] != "system"]
+    return "".join(family["message"].format(**m) for m in turns) + family["prompt"]
+
+
+def chat_family(tokenizer, template: str) -> tuple[str, str | None]:
+    """(family, the template's default system prompt) if `template` renders as a family Keel knows, else a KeelError."""
+    def hf(msgs):
+        return tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=False, add_generation_prompt=True)
+
+    for name, fam in FAMILIES.items():
+        with_sys = hf([{"role": "system", "content": "S"}, *PROBE])
+        if with_sys != render_family(fam, "S", PROBE):
+            continue
+        without = hf(PROBE)
+        rest = "".join(fam["message"].format(**m) for m in PROBE) + fam["prompt"]
+        if without == rest:
+            return name, None
+        head = without[:-len(rest)] if without.endswith(rest) else ""
+        pre, _, post = fam["message"].partition("{content}")
+        pre = pre.format(role="system")
+        if head.startswith(pre) and head.endswith(post):
+            return name, head[len(pre):-len(post)]
+    known = "; ".join(f"{k} ({v['models']})" for k, v in FAMILIES.items())
+    raise KeelError(f"Ollama Modelfile: this chat template is not of a family Keel can write a TEMPLATE for "
+                    f"(supported: {known}); export with --to hf, or write the Modelfile by hand")
+
+
+def modelfile(gguf_name: str, tokenizer, template: str, system: str | None = None) -> str:
+    """An Ollama Modelfile whose TEMPLATE, SYSTEM and stops render what the chat template renders."""
+    name, default = chat_family(tokenizer, template)
+    fam = FAMILIES[name]
+    system = system or default
+    lines = [f"FROM ./{gguf_name}", 'TEMPLATE """' + fam["go"] + '"""']
+    if system:  # Ollama fills .System with it when a request has no system message, as the template does
         lines.append('SYSTEM """' + system + '"""')
-    lines += ['PARAMETER stop "<|im_end|>"', 'PARAMETER stop "<|im_start|>"']
+    lines += [f'PARAMETER stop "{s}"' for s in fam["stop"]]
     return "\n".join(lines) + "\n"
-
-
-MODELFILE_TEMPLATE = ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-                      "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-                      "<|im_start|>assistant\n")

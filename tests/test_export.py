@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from keel.export import default_system
-from keel.gguf_export import MODELFILE_TEMPLATE
 from keel.model import ModelArgs, load_model
 from tests.helpers import base_argv, run_keel, sft
 
@@ -31,7 +30,7 @@ def test_merged_equals_adapter(adapters, arch, tiny_model_dir, tiny_qwen_dir, ca
     ckpt = adapters[arch]
     code, out, err = run_keel(capsys, "export", "--adapters", ckpt, "--merge_lora", "true")
     assert code == 0, err
-    assert "verified" in out
+    assert "gate: passed" in out and re.search(r"^merged .* passed$", out, re.M), out
     merged_dir = ckpt.with_name(ckpt.name + "-merged")
     plain = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
     ours, _, _ = load_model(ModelArgs(adapters=[str(ckpt)]))
@@ -59,8 +58,9 @@ def test_gguf_reloads_with_same_logits(adapters, arch, quant, rtol, capsys):
 
     ckpt = adapters[arch]
     target = ckpt.parent / f"gguf-{quant}"
+    # transformers' GGUF reader here; llama.cpp's answers are tests/test_export_gate.py's
     code, out, err = run_keel(capsys, "export", "--adapters", ckpt, "--to", "gguf", "--quant", quant,
-                              "--output_dir", target)
+                              "--output_dir", target, "--verify", "false")
     assert code == 0, err
     name = f"model-{quant}.gguf"
     back = AutoModelForCausalLM.from_pretrained(target, gguf_file=name).eval()
@@ -73,28 +73,6 @@ def test_gguf_reloads_with_same_logits(adapters, arch, quant, rtol, capsys):
     text = "<|im_start|>user\nWho are you? 你是谁？<|im_end|>\n"
     assert gtok(text, add_special_tokens=False)["input_ids"] == tok(text, add_special_tokens=False)["input_ids"]
     assert 'SYSTEM """You are Keel, made by Acme."""' in (target / "Modelfile").read_text()
-
-
-def render_go_template(template: str, system: str | None, messages: list[dict]) -> str:
-    """A tiny interpreter for exactly the Go-template constructs the Modelfile uses."""
-    def sub_fields(text, ctx):
-        return re.sub(r"\{\{-? ?\.(\w+) ?-?\}\}", lambda m: ctx[m.group(1)], text)
-
-    m = re.fullmatch(r"\{\{- if \.System \}\}(.*?)\{\{ end \}\}\{\{- range \.Messages \}\}(.*?)\{\{ end \}\}(.*)", template, re.S)
-    assert m, "unexpected template shape"
-    out = sub_fields(m.group(1), {"System": system}) if system else ""
-    for msg in messages:
-        out += sub_fields(m.group(2), {"Role": msg["role"], "Content": msg["content"]})
-    return out + m.group(3)
-
-
-def test_modelfile_template_matches_chat_template(tiny_tokenizer):
-    convs = [[{"role": "user", "content": "Who are you?"}],
-             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "你是谁？"}]]
-    for msgs in convs:
-        want = tiny_tokenizer.apply_chat_template([{"role": "system", "content": "Sys"}] + msgs, tokenize=False,
-                                                  add_generation_prompt=True)
-        assert render_go_template(MODELFILE_TEMPLATE, "Sys", msgs) == want
 
 
 def test_unsupported_architecture_and_missing_base(adapters, tmp_path, capsys, tiny_model_dir):
@@ -141,7 +119,7 @@ def test_embedded_merged_and_gguf_keep_identity(embedded_identity_adapter, tmp_p
 
     _, tok, _ = load_model(ModelArgs(adapters=[str(embedded_identity_adapter)]))
     for args, loader in ((["--output_dir", tmp_path / "merged"], lambda d: AutoModelForCausalLM.from_pretrained(d)),
-                         (["--to", "gguf", "--quant", "q8_0", "--output_dir", tmp_path / "gguf"],
+                         (["--to", "gguf", "--quant", "q8_0", "--verify", "false", "--output_dir", tmp_path / "gguf"],
                           lambda d: AutoModelForCausalLM.from_pretrained(d, gguf_file="model-q8_0.gguf"))):
         code, out, err = run_keel(capsys, "export", "--adapters", embedded_identity_adapter, *args)
         assert code == 0, err + out

@@ -1,6 +1,7 @@
 """`keel deploy`: an OpenAI-compatible server with a web chat that records 👍/👎 feedback.
 
     keel deploy --adapters output/v0-.../checkpoint-102            # http://127.0.0.1:8000/
+    keel deploy --model checkpoint-102-gguf/model-q4_k_m.gguf      # the exported GGUF, run by llama.cpp (.[gguf])
     KEEL_API_KEY=SECRET keel deploy --host 0.0.0.0 --feedback_db feedback.sqlite   # a --api_key shows in `ps`
     curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Who are you?"}]}'
 
@@ -71,7 +72,14 @@ def deploy(margs: ModelArgs, args: DeployArgs):
     db = Path(args.feedback_db) if args.feedback_db else (
         Path(margs.adapters[-1]).resolve().parent / "feedback.sqlite" if margs.adapters else cache_root() / "feedback.sqlite")
     store = FeedbackStore(db)
-    model, tok, info = load_model(margs)
+    if margs.model and margs.model.endswith(".gguf"):  # served by llama.cpp, the runtime the export gate checked
+        from keel.deploy.llama_backend import load_gguf
+
+        if margs.adapters:
+            raise KeelError("--model FILE.gguf is served as it is: drop --adapters (keel export --to gguf merges them in)")
+        model, tok, info = load_gguf(margs.model)
+    else:
+        model, tok, info = load_model(margs)
     name = args.served_model_name or (Path(margs.adapters[-1]).name if margs.adapters else info.name)
     app = create_app(model, tok, info, api_key=args.api_key, store=store, model_id=name, max_body=args.max_body_kb * 1024,
                      max_queue=args.max_queue, request_timeout=args.request_timeout)
