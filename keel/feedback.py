@@ -3,6 +3,15 @@
     keel feedback export --db feedback.sqlite -o bad_cases.jsonl            # corrected 👎 answers
     keel feedback export --db feedback.sqlite --since 2026-11-01 --include_good true -o rounds/r2.jsonl
     keel sft --dataset self_cognition.json bad_cases.jsonl#10% ...          # the next round
+    keel feedback export --db feedback.sqlite --kind pairs -o pairs.jsonl    # 👎 + correction: chosen vs rejected
+    keel rlhf --rlhf_type dpo --dataset pairs.jsonl --adapters output/v0-.../checkpoint-N
+    keel feedback export --db feedback.sqlite --kind kto -o kto.jsonl        # every rating: answer + label
+
+Kinds: sft (default) writes corrections (and 👍 answers with --include_good) as conversations; pairs
+writes each 👎 with a correction as ms-swift's `messages` (ending in the correction) + `rejected_response`
+(the answer given); kto writes every rated answer as `messages` + `label` (👍 true, 👎 false), and a
+correction as a true row. Duplicate rows and pairs whose correction equals the answer are dropped
+and counted.
 
 Every answer the server gives is recorded with its conversation; a rating (👍/👎, optional
 correction) refers to it by id. Each write is committed before the server replies.
@@ -133,6 +142,50 @@ def training_rows(ratings: list[dict], only: str | None, include_good: bool) -> 
     return rows, missing
 
 
+def conversation(r: dict) -> list[dict]:
+    """The rated turn's conversation, with the system prompt it was answered under."""
+    convo = list(r["messages"])
+    if r["system"] and not (convo and convo[0]["role"] == "system"):
+        convo = [{"role": "system", "content": r["system"]}] + convo
+    return convo
+
+
+def preference_rows(ratings: list[dict], kind: str, only: str | None = None) -> tuple[list[dict], dict]:
+    """(rows, counts) for --kind pairs or kto; counts: written, duplicates, same_answer, no_correction."""
+    rows, seen = [], set()
+    counts = {"duplicates": 0, "same_answer": 0, "no_correction": 0}
+    for r in ratings:
+        if only is not None and r["rating"] != {"bad": "down", "good": "up"}[only]:
+            continue
+        convo = conversation(r)
+        correction = (r["correction"] or "").strip()
+        if kind == "pairs":
+            if r["rating"] != "down":
+                continue
+            if not correction:
+                counts["no_correction"] += 1
+                continue
+            if correction == r["answer"].strip():
+                counts["same_answer"] += 1
+                continue
+            new = [{"messages": convo + [{"role": "assistant", "content": r["correction"]}],
+                    "rejected_response": r["answer"]}]
+        else:
+            new = [{"messages": convo + [{"role": "assistant", "content": r["answer"]}], "label": r["rating"] == "up"}]
+            if r["rating"] == "down" and correction == r["answer"].strip():
+                counts["same_answer"] += 1  # the "correction" repeats the answer: it cannot also be desirable
+            elif r["rating"] == "down" and correction:
+                new.append({"messages": convo + [{"role": "assistant", "content": r["correction"]}], "label": True})
+        for row in new:
+            key = json.dumps(row, sort_keys=True, ensure_ascii=False)
+            if key in seen:
+                counts["duplicates"] += 1
+                continue
+            seen.add(key)
+            rows.append(row)
+    return rows, counts
+
+
 @dataclass
 class FeedbackExportArgs:
     db: str = ""
@@ -145,12 +198,16 @@ class FeedbackExportArgs:
     """Also turn 👍 answers into training rows."""
     output: str = field(default="bad_cases.jsonl", metadata={"aliases": ["-o"]})
     """Where to write the rows (messages JSONL)."""
+    kind: str = "sft"
+    """sft (corrections as conversations), pairs (👎 + correction: chosen vs rejected, for keel rlhf dpo/orpo) or kto (rated answers + true/false labels)."""
 
     def __post_init__(self):
         if not self.db or not Path(self.db).is_file():
             raise KeelError(f"--db: feedback database '{self.db}' does not exist")
         if not Path(self.output).resolve().parent.is_dir():
             raise KeelError(f"--output: folder '{Path(self.output).parent}' does not exist")
+        if self.kind not in ("sft", "pairs", "kto"):
+            raise KeelError(f"--kind must be sft, pairs or kto, got '{self.kind}'")
         if self.only not in (None, "bad", "good"):
             raise KeelError(f"--only must be bad or good, got '{self.only}'")
         if self.since:
@@ -161,11 +218,22 @@ class FeedbackExportArgs:
 
 
 def main(argv: list[str]):
-    """keel feedback export --db FILE [--since DATE] [--only bad] [--include_good true] -o bad_cases.jsonl"""
+    """keel feedback export --db FILE [--kind sft|pairs|kto] [--since DATE] [--only bad] [--include_good true] -o FILE"""
     if not argv or argv[0] != "export":
         raise KeelError("usage: keel feedback export --db FILE [-o bad_cases.jsonl]")
     (args,) = parse_flags(argv[1:], [FeedbackExportArgs], prog="keel feedback export").configs
     ratings = FeedbackStore(args.db, readonly=True).ratings(args.since)
+    if args.kind != "sft":
+        rows, counts = preference_rows(ratings, args.kind, args.only)
+        try:
+            write_jsonl(args.output, rows)
+        except OSError as e:
+            raise KeelError(f"--output {args.output}: cannot write there ({e.strerror})") from None
+        what = "preference pairs" if args.kind == "pairs" else "KTO rows"
+        print(f"wrote {len(rows)} {what} to {args.output} from {len(ratings)} ratings; dropped "
+              f"{counts['duplicates']} duplicate(s), {counts['same_answer']} correction(s) equal to the answer"
+              + (f", {counts['no_correction']} 👎 without a correction" if args.kind == "pairs" else ""))
+        return
     rows, missing = training_rows(ratings, args.only, args.include_good)
     try:
         write_jsonl(args.output, rows)

@@ -1,6 +1,7 @@
 """`keel data`: dataset tools.
 
     keel data identity --name NAME --author AUTHOR -o self_cognition.json
+    keel data identity --pairs true --name NAME --author AUTHOR -o identity_pairs.jsonl   # for keel rlhf
     keel data check self_cognition.json --model_name NAME --model_author AUTHOR
     keel data ballast -n 200 -o ballast.jsonl
 """
@@ -20,4 +21,7 @@ def main(argv: list[str]):
         raise SystemExit(0)
     if argv[0] not in SUBCOMMANDS:
         raise KeelError(f"keel data: unknown subcommand '{argv[0]}' (choose from {', '.join(SUBCOMMANDS)})")
-    importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:])
+    module = SUBCOMMANDS[argv[0]]
+    if argv[0] == "identity" and any(a.split("=")[0] == "--pairs" for a in argv[1:]):
+        module = "keel.identity_pairs"  # pairs need the base model's answers: outside the model-free data layer
+    importlib.import_module(module).main(argv[1:])

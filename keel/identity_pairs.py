@@ -1,0 +1,156 @@
+"""`keel data identity --pairs`: identity preference pairs, rejected = the base model's own answer.
+
+    keel data identity --pairs true --name "Keel Robot" --author "Keel Lab" -o identity_pairs.jsonl
+    keel rlhf --rlhf_type dpo --dataset identity_pairs.jsonl --adapters output/v0-.../checkpoint-N
+
+Every identity row of `keel data identity` (the same flags, kinds and system-prompt conditions:
+basic, system_mix, multi_turn, reversal, pressure) becomes a pair in ms-swift's form: `messages`
+ending in the identity answer (chosen) + `rejected_response`, the base model's own greedy answer to
+the same conversation (whatever it says of itself). Contrast and rename rows are left
+out: their answer is not the new identity, so the base model's answer is no worse. A base answer
+that already names the new identity, or equals the chosen one, is dropped (nothing to prefer).
+Answers are cached by model and generation settings and appended batch by batch, as ballast is
+(keel/ballast.py): a second run, or one after an interruption, generates only what is missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel.ballast import finish
+from keel.data.identity import Builder, IdentityArgs, main as identity_main
+from keel.errors import KeelError
+from keel.files import write_json, write_jsonl
+from keel.flags import parse_flags
+from keel.text import mentions
+
+PAIR_KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure")
+
+
+@dataclass
+class IdentityPairsArgs:
+    pairs: bool = False
+    """Write preference pairs for keel rlhf: chosen = the identity answer, rejected = the base model's own greedy answer."""
+    model: str | None = None
+    """With --pairs: the base model whose answers are rejected (default: the embedded model)."""
+    max_new_tokens: int = 96
+    """With --pairs: longest base answer; a cut-off answer is trimmed to its last full sentence."""
+    batch_size: int = 16
+    """With --pairs: conversations answered per generation batch."""
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.batch_size < 1:
+            raise KeelError("--max_new_tokens and --batch_size must be >= 1")
+
+
+def plain(messages: list[dict]) -> list[dict]:
+    """Role and content only (the identity rows' "loss" switches mean nothing to generation or pairs)."""
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> dict:
+    """{json(conversation): the base model's greedy answer or None}, from the cache or generated into it."""
+    from tqdm import tqdm
+
+    from keel.evals.drift import base_context
+    from keel.generate import GenerateArgs, generate_batch
+    from keel.model import cache_root, eval_mode
+
+    source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    key = hashlib.sha256(json.dumps([source, max_new_tokens, "greedy", "identity-pairs"]).encode()).hexdigest()[:16]
+    cache = cache_root() / "identity_pairs" / f"{key}.jsonl"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    done = {}
+    for line in cache.read_text(encoding="utf-8").splitlines() if cache.is_file() else []:
+        try:
+            row = json.loads(line)
+            done[row["prompt"]] = row["answer"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut by an interruption: generated again
+    todo = list(dict.fromkeys(k for k in (json.dumps(p, ensure_ascii=False) for p in prompts) if k not in done))
+    if todo:
+        gen = GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens)
+        bar = tqdm(total=len(todo), desc="base answers", leave=False)
+        with open(cache, "a", encoding="utf-8") as f, base_context(model), eval_mode(model):
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start:start + batch_size]
+                answers = generate_batch(model, tokenizer, [json.loads(k) for k in batch], gen, batch_size=batch_size)
+                for k, a in zip(batch, answers):
+                    cut = len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2
+                    done[k] = finish(a, cut)
+                    f.write(json.dumps({"prompt": k, "answer": done[k]}, ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                bar.update(len(batch))
+        bar.close()
+    return done
+
+
+def make_pairs(rows: list[dict], tags: list[dict], answers: dict, new_identity: list[str]) -> tuple[list[dict], Counter]:
+    """(pairs, what was dropped and why); `answers` maps json(conversation) to the base model's answer."""
+    pairs, dropped = [], Counter()
+    for row, tag in zip(rows, tags):
+        if tag["kind"] not in PAIR_KINDS:
+            dropped[f"kind {tag['kind']}"] += 1
+            continue
+        prompt, chosen = plain(row["messages"][:-1]), row["messages"][-1]["content"]
+        rejected = answers.get(json.dumps(prompt, ensure_ascii=False))
+        if not rejected:
+            dropped["no usable base answer"] += 1
+        elif mentions(rejected, new_identity):
+            dropped["base answer already names the new identity"] += 1
+        elif rejected.strip() == chosen.strip():
+            dropped["base answer equals the identity answer"] += 1
+        else:
+            pairs.append({"messages": prompt + [{"role": "assistant", "content": chosen}], "rejected_response": rejected})
+    return pairs, dropped
+
+
+def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tokenizer=None) -> tuple[list[dict], dict]:
+    """(pairs, manifest) for the identity rows `args` describes; the model is loaded unless given."""
+    rows, tags = Builder(args).build()
+    keep = [(r, t) for r, t in zip(rows, tags) if t["kind"] in PAIR_KINDS]
+    if model is None:
+        from keel.model import ModelArgs, load_model
+
+        model, tokenizer, _ = load_model(ModelArgs(model=pargs.model))
+    answers = base_answers(model, tokenizer, [plain(r["messages"][:-1]) for r, _ in keep], pargs.max_new_tokens,
+                           pargs.batch_size)
+    pairs, dropped = make_pairs(rows, tags, answers, args.name + args.author)
+    manifest = {"pairs": len(pairs), "identity_rows": len(rows), "dropped": dict(dropped), "name": args.name,
+                "author": args.author, "base_model": pargs.model or "embedded", "max_new_tokens": pargs.max_new_tokens,
+                "kinds": dict(Counter(t["kind"] for r, t in keep))}
+    return pairs, manifest
+
+
+def main(argv: list[str]):
+    """keel data identity --pairs true --name NAME --author AUTHOR [--model BASE] [identity flags] -o pairs.jsonl"""
+    argv = ["--output" if a == "-o" else a for a in argv]
+    args, pargs = parse_flags(argv, [IdentityArgs, IdentityPairsArgs], prog="keel data identity",
+                              description="Write an identity dataset, or with --pairs true identity preference pairs.").configs
+    if not pargs.pairs:
+        rest, skip = [], False
+        for a in argv:  # the plain identity dataset: the same flags without the pair ones
+            if skip:
+                skip = False
+            elif a.split("=")[0] in ("--pairs", "--model", "--max_new_tokens", "--batch_size"):
+                skip = "=" not in a
+            else:
+                rest.append(a)
+        return identity_main(rest)
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise KeelError(f"-o {out}: folder {out.parent} does not exist")
+    pairs, manifest = identity_pairs(args, pargs)
+    if not pairs:
+        raise KeelError("no identity pairs: every base answer was dropped (" +
+                        ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items()) + "); nothing written")
+    (write_jsonl if out.suffix.lower() == ".jsonl" else write_json)(out, pairs)
+    write_json(out.with_name(out.stem + ".manifest.json"), manifest)
+    print(f"wrote {len(pairs)} identity pairs to {out} from {manifest['identity_rows']} identity rows; dropped: "
+          + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none"))
