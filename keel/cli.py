@@ -21,12 +21,14 @@ from keel.flags import print_error_and_exit
 COMMANDS = {
     "infer": ("keel.infer", "chat, answer one --query, or answer a JSONL file"),
     "sft": ("keel.train", "LoRA fine-tune (ms-swift `swift sft` flags)"),
+    "rlhf": ("keel.rlhf", "preference training on a LoRA adapter: DPO, ORPO, KTO (ms-swift `swift rlhf` flags)"),
     "eval": ("keel.evals.run", "identity robustness matrix, leakage, multiple-choice and drift; base vs tuned"),
     "data": ("keel.data.cli", "identity | check | ballast: build and check datasets"),
     "export": ("keel.export", "merge the LoRA into the weights, or write GGUF + Ollama Modelfile"),
     "deploy": ("keel.deploy", "OpenAI-compatible server with a web chat and feedback buttons"),
     "feedback": ("keel.feedback", "export rated answers as training rows"),
     "recipe": ("keel.recipe", "one command: identity data + ballast + train + before/after report"),
+    "web-ui": ("keel.webui", "the identity workflow in the browser: data, training with live curves, compare, chat, export"),
 }
 
 

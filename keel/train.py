@@ -42,6 +42,7 @@ from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
 from keel.model import ModelArgs, cpu_has_native_bf16, eval_mode, load_model, read_adapter_args
+from keel.tracking import check_report_to, report
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
@@ -104,10 +105,13 @@ class TrainArgs:
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
     """With --eval_identity: a checkpoint whose drift (KL to base) exceeds this cannot be the best."""
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    """Also write the logged scalars to tensorboard, wandb and/or swanlab (each needs its package), or none."""
     config: str | None = None
     """A YAML file of these same keys; flags on the command line win."""
 
     def __post_init__(self):
+        check_report_to(self.report_to)
         checks = [(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
                   (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
                   (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
@@ -231,7 +235,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
             raise KeelError(f"--resume_from_checkpoint {resume}: it belongs to another run "
                             f"(--{clash[0]} was {saved[clash[0]]!r}, now {mine.get(clash[0])!r})")
         run_dir = resume.parent
-        margs = ModelArgs(model=saved.get("model"), adapters=[str(resume)], torch_dtype=margs.torch_dtype)
+        margs = ModelArgs(model=saved.get("model"), adapters=[str(resume)], torch_dtype=margs.torch_dtype,
+                          num_threads=margs.num_threads)
     else:
         run_dir = new_run_dir(output_dir) if main_process else None
         run_dir = Path(broadcast_object_list([run_dir])[0])
@@ -375,6 +380,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         if record and main_process:
             with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps({**record, "global_step": step}) + "\n")
+            report(args.report_to, run.run_dir, record, step, run.config)
         if save:
             metric = record.get(args.metric_for_best_model)
             if args.max_drift is not None and record.get("drift_kl", 0) > args.max_drift:
