@@ -240,7 +240,10 @@ def test_export_merge_lora(checkpoint):
     code, out, err = keel(EXPORT.format(ckpt=checkpoint))
     assert code == 0, err
     merged = Path(checkpoint + "-merged")
-    assert f"wrote {merged.resolve()}" in out and "verified: answers match the adapter model" in out
+    assert f"wrote {merged.resolve()}" in out and "gate: passed" in out
+    # the merged folder answers the general prompts word for word as the adapter does (agreement 1.00)
+    row = next(line.split() for line in out.splitlines() if line.startswith("merged"))
+    assert row[4] == "1.00" and row[-1] == "passed", out
     for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
         assert (merged / name).is_file(), name
 
