@@ -40,10 +40,12 @@ def make_data(workdir: Path, n: int) -> tuple[Path, Path, int]:
     sys.path.insert(0, str(ROOT))
     from keel.data.identity import identity_rows
 
-    rows = [r for r in identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",)) if len(r["messages"]) <= 3][:n + 1]
+    rows = [r for r in identity_rows(["Keel Robot"], ["Keel Lab"], langs=("en",)) if len(r["messages"]) <= 3]
     pairs, sft = [], []
     for i, r in enumerate(rows[:n]):
-        other = rows[i + 1]["messages"][-1]["content"]
+        # the next row with another answer (rows next to each other can share one; a pair needs two)
+        other = next(x["messages"][-1]["content"] for x in rows[i + 1:] + rows[:i]
+                     if x["messages"][-1]["content"] != r["messages"][-1]["content"])
         pairs.append({"messages": r["messages"], "rejected_response": other})
         sft += [{"messages": r["messages"]}, {"messages": r["messages"][:-1] + [{"role": "assistant", "content": other}]}]
     (workdir / "pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))

@@ -7,7 +7,7 @@ Workloads (each a child process with the embedded model, timed over the same win
 child has loaded and warmed up, so side-by-side runs overlap for the whole window):
 - train: LoRA training steps as keel sft runs them (256-token packed passes, backward, AdamW) -> tokens/s
 - eval: multiple-choice scoring of ARC-Easy items with keel.evals.mc.score_mc -> items/s
-- serve: greedy answers one at a time, as the server gives them (keel.generate.greedy_batch) -> tokens/s
+- serve: greedy answers one at a time, as the server gives them (transformers generate) -> tokens/s
 Settings: `default` (what Keel does today: torch's threads, one per core, OpenMP's default wait
 policy), `passive` (OMP_WAIT_POLICY=PASSIVE: idle threads sleep instead of spinning), `split`
 (--num_threads = cores / number of processes), `split+passive`. Printed: each workload's rate alone,
@@ -64,13 +64,14 @@ def child(kind: str, seconds: float, num_threads: int | None):
             return len(batch)
     else:
         from keel.chat import prompt_ids
-        from keel.generate import greedy_batch
 
-        prompt = prompt_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])
-        ends = set()                                          # no early end: every answer is 32 tokens
+        prompt = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])])
 
-        def work():
-            return len(greedy_batch(model, [prompt], 32, ends, tok.pad_token_id)[0])
+        def work():  # no early end: every answer is 32 tokens
+            with torch.inference_mode():
+                out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32,
+                                     min_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+            return out.shape[1] - prompt.shape[1]
     work()                                                    # warm-up
     print("ready", flush=True)
     sys.stdin.readline()

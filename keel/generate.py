@@ -4,16 +4,8 @@
     for piece in stream_answer(model, tok, messages, GenerateArgs(temperature=0)):
         print(piece, end="")
 
-Greedy when temperature is 0. Batches are sorted by prompt length so that little compute goes to
-padding. Greedy batches run Keel's own loop (`greedy_batch`): its answers are transformers'
-`generate` greedy answers (tests/test_generate.py), with less work:
-- the prompts' common start (chat template and system prompt: most of an eval prompt) is computed
-  once and its KV cache shared by every row, laid out as [prefix | padding | row's own tokens];
-- a row that reached its end-of-sequence token leaves the batch (its cache rows are dropped)
-  instead of generating padding until the longest answer ends;
-- no per-step logits processors or stopping criteria beyond the end-of-sequence check.
-Sampling, and a model whose generation config asks for logits processors (repetition penalty,
-forced or suppressed tokens...), go through `generate`.
+Greedy when temperature is 0. Batches are left-padded and sorted by prompt length so that
+little compute goes to padding.
 """
 
 from __future__ import annotations
@@ -66,95 +58,6 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-# Generation-config fields that change greedy answers through logits processors; any of them set sends
-# a batch to transformers' generate, which applies them.
-PROCESSOR_FIELDS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None, "min_length": 0,
-                    "min_new_tokens": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                    "forced_bos_token_id": None, "forced_eos_token_id": None, "sequence_bias": None,
-                    "exponential_decay_length_penalty": None, "stop_strings": None, "renormalize_logits": False,
-                    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "num_beams": 1}
-
-
-def plain_greedy(model) -> bool:
-    """Whether greedy decoding of `model` is a bare argmax (no processor in its generation config)."""
-    config = getattr(model, "generation_config", None)
-    return all(getattr(config, k, None) in (None, default) for k, default in PROCESSOR_FIELDS.items())
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """The tokens that end an answer, as generate reads them: the generation config's, else the tokenizer's."""
-    ends = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ends = tokenizer.eos_token_id if ends is None else ends
-    return set(ends if isinstance(ends, list) else [ends])
-
-
-def common_prefix(prompts: list[list[int]]) -> int:
-    """Tokens every prompt starts with, less one: each row keeps a token whose logits give its first answer token."""
-    n = min(len(p) for p in prompts) - 1
-    for p in prompts[1:]:
-        k = 0
-        while k < n and p[k] == prompts[0][k]:
-            k += 1
-        n = k
-    return max(n, 0)
-
-
-def _cache_kwarg(model) -> str:
-    """transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name warns, then goes in 5.40)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, ends: set[int], pad: int) -> list[list[int]]:
-    """Greedy answers (token ids, the end token included) of a batch of prompts, with the KV cache.
-
-    The cache holds [shared prefix | left padding | row tail]: the prefix is computed once (batch
-    1) and repeated for every row; position ids count only real tokens (RoPE sees what it sees in
-    a lone run), and the attention mask hides the padding. Rows that end leave the batch.
-    """
-    import torch
-    from transformers import DynamicCache
-
-    from keel.batching import pad_batch
-
-    device = model_device(model)
-    p = common_prefix(prompts) if len(prompts) > 1 else 0
-    cache = DynamicCache(config=getattr(model, "config", None))
-    kv = {_cache_kwarg(model): cache, "use_cache": True}
-    with torch.inference_mode():
-        if p:
-            model(input_ids=torch.tensor([prompts[0][:p]], device=device), logits_to_keep=1, **kv)
-            cache.batch_repeat_interleave(len(prompts))
-        ids, mask = pad_batch([x[p:] for x in prompts], pad, left=True)              # (B, T)
-        pos = (mask.cumsum(-1) - 1 + p).clamp(min=0)                                 # (B, T)
-        mask = torch.cat([torch.ones(len(prompts), p, dtype=mask.dtype), mask], 1).to(device)  # (B, p + T)
-        logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=pos.to(device), logits_to_keep=1,
-                       **kv).logits[:, -1]                                            # (B, V)
-        nxt = pos[:, -1].to(device)                                                   # (B,): last position
-        rows = list(range(len(prompts)))                                              # batch row -> prompt
-        out: list[list[int]] = [[] for _ in prompts]
-        for n in range(max_new_tokens):
-            tokens = logits.argmax(-1)                                                # (B,)
-            keep = []
-            for r, (i, t) in enumerate(zip(rows, tokens.tolist())):
-                out[i].append(t)
-                if t not in ends:
-                    keep.append(r)
-            if not keep or n == max_new_tokens - 1:
-                break
-            if len(keep) < len(rows):                # finished rows leave: their cache, mask and positions
-                sel = torch.tensor(keep, device=device)
-                cache.batch_select_indices(sel)
-                tokens, mask, nxt, rows = tokens[sel], mask[sel], nxt[sel], [rows[r] for r in keep]
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-            nxt = nxt + 1
-            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=nxt[:, None],
-                           **kv).logits[:, -1]
-    return out
-
-
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
                    batch_size: int = 8, progress=None) -> list[str]:
     """Answer many conversations; returns the answers in input order."""
@@ -169,21 +72,15 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
     answers: list[str] = [""] * len(prompts)
     device = model_device(model)
     pad = tokenizer.pad_token_id
-    own_loop = gen.temperature == 0 and plain_greedy(model)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        if own_loop:
-            outs = greedy_batch(model, [prompts[i] for i in idx], gen.max_new_tokens, eos_ids(model, tokenizer), pad)
-            for i, new in zip(idx, outs):
-                answers[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-        else:
-            ids, mask = pad_batch([prompts[i] for i in idx], pad, left=True)  # (B, T): generation continues on the right
-            width = ids.shape[1]
-            with torch.inference_mode():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     **sampling_kwargs(tokenizer, gen))
-            for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, left=True)  # (B, T): generation continues on the right
+        width = ids.shape[1]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 **sampling_kwargs(tokenizer, gen))
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
         if progress is not None:
             progress(len(idx))
     return answers

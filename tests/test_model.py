@@ -138,3 +138,28 @@ def test_truncated_gguf_is_one_line_error(tmp_path):
     cut.write_bytes(embedded_gguf().read_bytes()[: 2_000_000])
     with pytest.raises(KeelError, match="cut.gguf: not a readable GGUF model"):
         resolve_model_path(str(cut))
+
+
+# --num_threads (keel/model.py): the thread count is chosen where device and dtype are.
+
+@pytest.mark.parametrize("value", [0, -1, (__import__("os").cpu_count() or 1) + 1])
+def test_num_threads_out_of_range_is_one_line(capsys, tiny_model_dir, value):
+    from keel.errors import KeelError
+    from tests.helpers import run_keel
+
+    with pytest.raises(KeelError, match=r"--num_threads must be between 1 and \d+ \(this machine's CPUs\)"):
+        ModelArgs(num_threads=value)
+    code, _, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--num_threads", value, "--query", "Hi")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("keel: error: --num_threads must be")
+
+
+def test_num_threads_is_applied(tiny_model_dir):
+    before = torch.get_num_threads()
+    try:
+        load_model(ModelArgs(model=str(tiny_model_dir), num_threads=1))
+        assert torch.get_num_threads() == 1
+        if (__import__("os").cpu_count() or 1) >= 2:
+            load_model(ModelArgs(model=str(tiny_model_dir), num_threads=2))
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -142,9 +142,6 @@ class _Config:
 @dataclass
 class _GenerationConfig:
     eos_token_id: list[int]
-    # The end-of-generation tokens' text, where llama.cpp stops. Set, it also sends greedy batches to
-    # `generate` (keel.generate's own greedy loop needs a transformers forward pass, which this has not).
-    stop_strings: list[str]
 
 
 class LlamaCppModel:
@@ -156,7 +153,7 @@ class LlamaCppModel:
     def __init__(self, llm, tok: LlamaCppTokenizer, arch: str):
         self.llm, self.tok = llm, tok
         self.config = _Config(llm.n_ctx(), arch)
-        self.generation_config = _GenerationConfig(list(tok.eog_ids), [tok.decode([i]) for i in tok.eog_ids])
+        self.generation_config = _GenerationConfig(list(tok.eog_ids))
         self._lock = threading.Lock()
 
     def eval(self):
