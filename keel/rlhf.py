@@ -38,18 +38,17 @@ from pathlib import Path
 import torch
 
 from keel.batching import epoch_windows
-from keel.checkpoint import check_writable, find_resume_dir, load_state, note_resume, rotate_checkpoints, save_checkpoint
-from keel.data.mix import DataArgs, format_manifest
+from keel.checkpoint import check_writable, find_resume_dir, load_state, rotate_checkpoints, save_checkpoint
+from keel.data.mix import DataArgs
 from keel.data.pairs import KTO, build_pairs
 from keel.errors import KeelError
-from keel.files import write_json
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
 from keel.model import ModelArgs, eval_mode, load_model, read_adapter_args
 from keel.preference import (answer_logps, dpo_loss, kto_kl, kto_loss, kto_units, orpo_ratio, pack_units,
                              reference_logps, unit_len, units_of)
-from keel.train import (SHOWN_PROBES, Run, TrainArgs, default_accumulation, new_run_dir, peak_memory_gb, rng_state,
-                        set_rng_state, writable_dir)
+from keel.train import (SHOWN_PROBES, Run, TrainArgs, close_run, default_accumulation, new_run_dir, open_run_dir,
+                        peak_memory_gb, rng_state, set_rng_state)
 
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
                "lora_rank", "max_length", "rlhf_type", "beta", "loss_type")
@@ -248,12 +247,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
         run.probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
 
     if main_process:
-        writable_dir(run_dir)
-        if resume:
-            note_resume(run_dir, resume, run.step)
-        write_json(run_dir / "args.json", config)
-        write_json(run_dir / "manifest.json", manifest)
-        print(format_manifest(manifest))
+        open_run_dir(run_dir, resume, run.step, config, manifest)
         print(f"run {run_dir} | {pref.rlhf_type} | {total} steps | {sum(p.numel() for p in params):,} trainable "
               f"parameters | reference: {config['reference']} | device {device}")
     return run
@@ -348,17 +342,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
             accelerator.wait_for_everyone()
     bar.close()
 
-    last_ckpt = str(run.run_dir / f"checkpoint-{total}")
-    result = {"run_dir": str(run.run_dir), "last_model_checkpoint": last_ckpt,
-              "best_model_checkpoint": best["path"] or last_ckpt,
-              "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
-    if main_process:
-        from keel.plots import plot_run
-
-        plot_run(run.run_dir)
-        print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
-        print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
-    return result
+    return close_run(run.run_dir, total, best, start, start_step, main_process)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs]:

@@ -189,6 +189,31 @@ def evaluate_loss(model, rows, args: TrainArgs, pad_id, device, accelerator) -> 
             "eval_token_acc": round(totals[2].item() / max(totals[1].item(), 1), 4)}
 
 
+def open_run_dir(run_dir: Path, resume: Path | None, step: int, config: dict, manifest: dict):
+    """The run folder's opening (main process): args.json and manifest.json written, the manifest printed."""
+    writable_dir(run_dir)
+    if resume:
+        note_resume(run_dir, resume, step)
+    write_json(run_dir / "args.json", config)
+    write_json(run_dir / "manifest.json", manifest)
+    print(format_manifest(manifest))
+
+
+def close_run(run_dir: Path, total: int, best: dict, start: float, start_step: int, main_process: bool) -> dict:
+    """The result keel sft and keel rlhf return; the curves drawn and the checkpoints printed (main process)."""
+    last_ckpt = str(run_dir / f"checkpoint-{total}")
+    result = {"run_dir": str(run_dir), "last_model_checkpoint": last_ckpt,
+              "best_model_checkpoint": best["path"] or last_ckpt,
+              "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
+    if main_process:
+        from keel.plots import plot_run
+
+        plot_run(run_dir)
+        print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
+        print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
+    return result
+
+
 @dataclass
 class Run:
     """Everything the loop needs, built once by `setup`."""
@@ -298,12 +323,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         run.probe = TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
 
     if main_process:
-        writable_dir(run_dir)
-        if resume:
-            note_resume(run_dir, resume, run.step)
-        write_json(run_dir / "args.json", config)
-        write_json(run_dir / "manifest.json", manifest)
-        print(format_manifest(manifest))
+        open_run_dir(run_dir, resume, run.step, config, manifest)
         print(f"run {run_dir} | {total} steps | {sum(p.numel() for p in params):,} trainable parameters | "
               f"device {device}")
     return run
@@ -407,17 +427,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
               f"{' / '.join(data.model_name + data.model_author)}" + ("" if hit >= 0.5 else
               " -- the identity is NOT learned yet: train longer or harder (keel recipe identity's CPU settings: "
               "--learning_rate 2e-4 --gradient_accumulation_steps 4 --num_train_epochs 3; docs/experiment.md)"))
-    last_ckpt = str(run.run_dir / f"checkpoint-{total}")
-    result = {"run_dir": str(run.run_dir), "last_model_checkpoint": last_ckpt,
-              "best_model_checkpoint": best["path"] or last_ckpt,
-              "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
-    if main_process:
-        from keel.plots import plot_run
-
-        plot_run(run.run_dir)
-        print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
-        print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
-    return result
+    return close_run(run.run_dir, total, best, start, start_step, main_process)
 
 
 def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs]:
