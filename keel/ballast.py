@@ -76,46 +76,55 @@ def system_mix(system: str | None, pool: list[str] | None = None) -> list[str | 
     return [system, "", HELPFUL, *(pool or read_pool(POOL_FILE))]
 
 
-def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_new_tokens: int,
-                   batch_size: int) -> dict[tuple[str | None, str], str | None]:
-    """The base model's greedy answers to (system prompt, prompt) pairs, from the cache or generated
-    into it in batches that mix system prompts (one pass, however many prompts the mix has)."""
+def cached_generations(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
+                       name: str, desc: str | None = None) -> dict[str, str | None]:
+    """The base model's greedy answers to conversations, {json(conversation): answer or None (cut off with
+    no full sentence)}, from the cache `cache_root()/name/` or generated into it batch by batch, so a
+    second run, or one after an interruption, generates only what is missing. Ballast and identity
+    pairs (keel/identity_pairs.py) share it."""
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    # "no-system-turn": answers under an empty system prompt have been asked without a system turn
-    # since keel/chat.py renders it so; the older cache had them under an empty system block.
-    version = [source, max_new_tokens, "greedy", "by-system", "no-system-turn"]
+    # "no-system-turn": an empty system prompt has been asked without a system turn since keel/chat.py
+    # renders it so (older caches asked it under an empty system block).
+    version = [source, max_new_tokens, "greedy", name, "by-conversation", "no-system-turn"]
     key = hashlib.sha256(json.dumps(version).encode()).hexdigest()[:16]
-    cache = cache_root() / "ballast" / f"{key}.jsonl"
+    cache = cache_root() / name / f"{key}.jsonl"
     cache.parent.mkdir(parents=True, exist_ok=True)
     done = {}
     if cache.is_file():
         for line in cache.read_text(encoding="utf-8").splitlines():
             try:
                 row = json.loads(line)
-                done[(row["system"], row["prompt"])] = row["answer"]
+                done[row["prompt"]] = row["answer"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # a line cut by an interruption: generate it again
-    todo = list(dict.fromkeys(pair for pair in pairs if pair not in done))
+    todo = list(dict.fromkeys(k for k in (json.dumps(c, ensure_ascii=False) for c in conversations) if k not in done))
     if todo:
         from tqdm import tqdm
 
         gen = GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens)
-        bar = tqdm(total=len(todo), desc="ballast", leave=False)
+        bar = tqdm(total=len(todo), desc=desc or name, leave=False)
         with open(cache, "a", encoding="utf-8") as f, base_context(model), eval_mode(model):
             for start in range(0, len(todo), batch_size):
                 batch = todo[start:start + batch_size]
-                convs = [with_system([{"role": "user", "content": p}], system) for system, p in batch]
-                answers = generate_batch(model, tokenizer, convs, gen, batch_size=batch_size)
-                for (system, p), a in zip(batch, answers):
+                answers = generate_batch(model, tokenizer, [json.loads(k) for k in batch], gen, batch_size=batch_size)
+                for k, a in zip(batch, answers):
                     truncated = len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2
-                    done[(system, p)] = finish(a, truncated)
-                    f.write(json.dumps({"system": system, "prompt": p, "answer": done[(system, p)]},
-                                       ensure_ascii=False) + "\n")
+                    done[k] = finish(a, truncated)
+                    f.write(json.dumps({"prompt": k, "answer": done[k]}, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
                 bar.update(len(batch))
         bar.close()
     return done
+
+
+def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_new_tokens: int,
+                   batch_size: int) -> dict[tuple[str | None, str], str | None]:
+    """The base model's greedy answers to (system prompt, prompt) pairs, in batches that mix system
+    prompts (one pass, however many prompts the mix has)."""
+    convs = {pair: with_system([{"role": "user", "content": pair[1]}], pair[0]) for pair in pairs}
+    answers = cached_generations(model, tokenizer, list(convs.values()), max_new_tokens, batch_size, "ballast")
+    return {pair: answers[json.dumps(conv, ensure_ascii=False)] for pair, conv in convs.items()}
 
 
 def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,

@@ -15,14 +15,12 @@ Answers are cached by model and generation settings and appended batch by batch,
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.ballast import finish
+from keel.ballast import cached_generations
 from keel.data.identity import Builder, IdentityArgs, main as identity_main
 from keel.errors import KeelError
 from keel.files import write_json, write_jsonl
@@ -54,41 +52,8 @@ def plain(messages: list[dict]) -> list[dict]:
 
 
 def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> dict:
-    """{json(conversation): the base model's greedy answer or None}, from the cache or generated into it."""
-    from tqdm import tqdm
-
-    from keel.evals.drift import base_context
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import cache_root, eval_mode
-
-    source = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    key = hashlib.sha256(json.dumps([source, max_new_tokens, "greedy", "identity-pairs"]).encode()).hexdigest()[:16]
-    cache = cache_root() / "identity_pairs" / f"{key}.jsonl"
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    for line in cache.read_text(encoding="utf-8").splitlines() if cache.is_file() else []:
-        try:
-            row = json.loads(line)
-            done[row["prompt"]] = row["answer"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by an interruption: generated again
-    todo = list(dict.fromkeys(k for k in (json.dumps(p, ensure_ascii=False) for p in prompts) if k not in done))
-    if todo:
-        gen = GenerateArgs(temperature=0.0, max_new_tokens=max_new_tokens)
-        bar = tqdm(total=len(todo), desc="base answers", leave=False)
-        with open(cache, "a", encoding="utf-8") as f, base_context(model), eval_mode(model):
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start:start + batch_size]
-                answers = generate_batch(model, tokenizer, [json.loads(k) for k in batch], gen, batch_size=batch_size)
-                for k, a in zip(batch, answers):
-                    cut = len(tokenizer(a, add_special_tokens=False)["input_ids"]) >= max_new_tokens - 2
-                    done[k] = finish(a, cut)
-                    f.write(json.dumps({"prompt": k, "answer": done[k]}, ensure_ascii=False) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                bar.update(len(batch))
-        bar.close()
-    return done
+    """{json(conversation): the base model's greedy answer or None}, cached as ballast is."""
+    return cached_generations(model, tokenizer, prompts, max_new_tokens, batch_size, "identity_pairs", "base answers")
 
 
 def make_pairs(rows: list[dict], tags: list[dict], answers: dict, new_identity: list[str]) -> tuple[list[dict], Counter]:
