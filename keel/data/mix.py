@@ -184,29 +184,30 @@ def load_mixture(specs: list[str], args: DataArgs) -> tuple[list[dict], list[dic
         rows = [{"messages": fill_placeholders(r["messages"], args.model_name, args.model_author),
                  "origin": (str(path), i)} for i, r in enumerate(records, 1)]
         loaded.append((spec, path, n, pct, rows))
+    return mix_loaded(loaded, args.data_seed)
+
+
+def mix_loaded(loaded: list[tuple], seed: int) -> tuple[list[dict], list[dict]]:
+    """Rows taken from each loaded (spec, path, n, pct, rows) as its #N or #P% asks (percentages of the
+    fixed-size sources' total), each tagged with its source, and one manifest entry per spec."""
     fixed_total = 0
     taken, manifest = [], []
     for spec, path, n, pct, rows in loaded:
         if pct is None:
-            picked, repeats = take(rows, n, _rng(args.data_seed, spec))
+            picked, _ = take(rows, n, _rng(seed, spec))
             fixed_total += len(picked)
             taken.append(picked)
         else:
             taken.append(None)
-        manifest.append({"spec": spec, "path": str(path), "requested": n, "available": len(rows),
-                         "seed": args.data_seed})
+        manifest.append({"spec": spec, "path": str(path), "requested": n, "available": len(rows), "seed": seed})
     for i, (spec, path, n, pct, rows) in enumerate(loaded):
         if pct is not None:
             want = max(1, round(fixed_total * pct / 100))
-            taken[i], _ = take(rows, want, _rng(args.data_seed, spec))
+            taken[i], _ = take(rows, want, _rng(seed, spec))
             manifest[i]["requested"] = f"{pct:g}% = {want}"
         manifest[i]["taken"] = len(taken[i])
         manifest[i]["repeats"] = len(taken[i]) // len(rows)
-    out = []
-    for entry, picked in zip(manifest, taken):
-        for row in picked:
-            out.append({**row, "source": entry["spec"]})
-    return out, manifest
+    return [{**row, "source": e["spec"]} for e, picked in zip(manifest, taken) for row in picked], manifest
 
 
 def leftover_placeholder(messages: list[dict]) -> str | None:

@@ -24,7 +24,7 @@ import statistics
 
 from keel.chat import IGNORE_INDEX, render, with_system
 from keel.data.formats import read_rows
-from keel.data.mix import DataArgs, _rng, fill_placeholders, leftover_placeholder, parse_spec, resolve_source, take
+from keel.data.mix import DataArgs, fill_placeholders, leftover_placeholder, mix_loaded, parse_spec, resolve_source
 from keel.errors import KeelError, where
 
 PAIR, KTO = "pair", "kto"
@@ -190,7 +190,7 @@ def tokenize_preferences(rows: list[dict], tokenizer, args: DataArgs, manifest: 
 
 def load_pair_mixture(specs: list[str], args: DataArgs, kind: str | None = None):
     """(kind, rows with their origin, manifest entries); every file must hold the same kind."""
-    loaded, fixed_total = [], 0
+    loaded = []
     for spec in specs:
         source, n, pct = parse_spec(spec)
         path = resolve_source(source, args.data_dir)
@@ -211,21 +211,7 @@ def load_pair_mixture(specs: list[str], args: DataArgs, kind: str | None = None)
                         raise KeelError(f"{path}: row {i}: placeholder {left} left in field '{k}' "
                                         "(pass --model_name and --model_author)")
         loaded.append((spec, path, n, pct, rows))
-    taken, manifest = [], []
-    for spec, path, n, pct, rows in loaded:
-        picked = take(rows, n, _rng(args.data_seed, spec))[0] if pct is None else None
-        fixed_total += len(picked or [])
-        taken.append(picked)
-        manifest.append({"spec": spec, "path": str(path), "requested": n, "available": len(rows),
-                         "seed": args.data_seed})
-    for i, (spec, path, n, pct, rows) in enumerate(loaded):
-        if pct is not None:
-            want = max(1, round(fixed_total * pct / 100))
-            taken[i] = take(rows, want, _rng(args.data_seed, spec))[0]
-            manifest[i]["requested"] = f"{pct:g}% = {want}"
-        manifest[i]["taken"] = len(taken[i])
-        manifest[i]["repeats"] = len(taken[i]) // len(rows)
-    out = [{**row, "source": e["spec"]} for e, picked in zip(manifest, taken) for row in picked]
+    out, manifest = mix_loaded(loaded, args.data_seed)
     return kind, out, manifest
 
 
