@@ -101,6 +101,29 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def bf16_frozen_weights(model):
+    """CPU bf16 training (`--cpu_autocast_bf16 true`): frozen base matrices kept in bfloat16, the forward in bf16 autocast.
+
+    Autocast casts every fp32 weight to bf16 at each matmul anyway and keeps that copy for the backward pass,
+    so fp32 frozen weights cost memory and a cast per step for nothing. Stored in bf16 they are the same
+    numbers. Trainable (LoRA) weights, norms and biases stay fp32, and the embedding's output is upcast so the
+    residual stream stays fp32 as under plain autocast. The autocast is put on the model's own forward, so
+    every pass (training, in-training eval, generation, the DPO reference) runs the same way.
+    """
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad or p.dtype != torch.float32:
+            continue
+        # Matrices to bf16 (a tied embedding/head is one Parameter, converted once). The small fp32 rest is
+        # copied too, so no tensor keeps the memory-mapped fp32 weights file resident (0.5 GB at 135M).
+        p.data = p.data.to(torch.bfloat16) if p.dim() >= 2 else p.data.clone()
+    model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner.forward = torch.autocast("cpu", dtype=torch.bfloat16)(inner.forward)
+    return model
+
+
 def cache_root() -> Path:
     """Keel's cache folder: $KEEL_CACHE, else ~/.cache/keel."""
     return Path(os.environ.get("KEEL_CACHE") or Path.home() / ".cache" / "keel")

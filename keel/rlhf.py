@@ -44,7 +44,7 @@ from keel.data.pairs import KTO, build_pairs
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, eval_mode, load_model, read_adapter_args
+from keel.model import ModelArgs, bf16_frozen_weights, eval_mode, load_model, read_adapter_args
 from keel.preference import (answer_logps, dpo_loss, kto_kl, kto_loss, kto_units, orpo_ratio, pack_units,
                              reference_logps, unit_len, units_of)
 from keel.train import (SHOWN_PROBES, Run, TrainArgs, close_run, default_accumulation, new_run_dir, open_run_dir,
@@ -205,8 +205,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # tokens per packed pass, as keel sft (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
-                              enabled=device.type == "cpu" and args.cpu_autocast_bf16)
+    if device.type == "cpu" and args.cpu_autocast_bf16:  # before the reference pass: policy and reference alike
+        bf16_frozen_weights(model)
 
     # --- data: pairs (or KTO rows) rendered once; their kind must fit --rlhf_type
     train_rows, val_rows, manifest = build_pairs(data, tok)
@@ -225,7 +225,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
               "reference": "starting adapter" if continued or (resume and saved.get("reference") == "starting adapter")
               else "base weights (adapter disabled)"}
     config.pop("resume_from_checkpoint", None)
-    run = Run(accelerator, model, tok, params, optimizer, scheduler, autocast, train_rows, val_rows, run_dir,
+    run = Run(accelerator, model, tok, params, optimizer, scheduler, train_rows, val_rows, run_dir,
               config, total, steps_per_epoch, rows_per_step)
 
     # --- the reference log-probs, once per row: from the resumed state, or one no-grad pass now
@@ -272,8 +272,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
                                             accelerator.process_index, accelerator.num_processes)}
         idx = windows[epoch][index]
         kl = kto_kl(model, run.train_rows, idx, reference, budget, device) if pref.rlhf_type == "kto" else None
-        with run.autocast:
-            stats = step_objective(model, run.train_rows, idx, reference, pref, budget, device, kl)
+        stats = step_objective(model, run.train_rows, idx, reference, pref, budget, device, kl)
         if kl is not None:
             stats["kl"] = kl.item()
         for p in params:

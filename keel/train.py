@@ -41,7 +41,7 @@ from keel.data.mix import DataArgs, build_datasets, format_manifest
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, cpu_has_native_bf16, eval_mode, load_model, read_adapter_args
+from keel.model import ModelArgs, bf16_frozen_weights, cpu_has_native_bf16, eval_mode, load_model, read_adapter_args
 from keel.tracking import check_report_to, report
 
 # Flags that must match for a checkpoint to be resumed by this run.
@@ -98,7 +98,7 @@ class TrainArgs:
     packing_length: int | None = None
     """Tokens per packed forward pass (default: 256 on CPU, the fastest measured there; batch x max_length on GPU)."""
     cpu_autocast_bf16: bool = False
-    """On CPU, run matmuls in bfloat16 autocast (faster on CPUs with AVX-512 BF16/AMX; see docs/performance.md)."""
+    """On CPU, train in bfloat16: frozen base weights stored in bf16, matmuls in bf16 autocast, LoRA weights and optimizer in fp32 (faster and smaller on CPUs with AVX-512 BF16/AMX; docs/performance.md)."""
     eval_identity: bool = False
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     metric_for_best_model: str = "eval_loss"
@@ -223,7 +223,6 @@ class Run:
     params: list
     optimizer: object
     scheduler: object
-    autocast: object
     train_rows: list
     val_rows: list
     run_dir: Path
@@ -284,7 +283,6 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     if args.packing_length is None:  # on CPU long packed passes get slower per token (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
     cpu_bf16 = device.type == "cpu" and args.cpu_autocast_bf16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cpu_bf16)
     if cpu_bf16 and main_process and not cpu_has_native_bf16():
         print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
               "and training will be slower than fp32")
@@ -295,6 +293,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     train_rows, val_rows, manifest = build_datasets(dataclasses.replace(data, dataset=specs), tok)
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
+    if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
+        bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
     steps_per_epoch = len(epoch_windows(len(train_rows), rows_per_step, args.seed, 0, 0, accelerator.num_processes))
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
@@ -310,7 +310,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     config = {**to_dict(margs, data, lora, args), "model": info.model, "base_model_path": info.path,
               "system": data.system, "total_steps": total, "world_size": accelerator.num_processes}
     config.pop("resume_from_checkpoint", None)
-    run = Run(accelerator, model, tok, params, optimizer, scheduler, autocast, train_rows, val_rows, run_dir,
+    run = Run(accelerator, model, tok, params, optimizer, scheduler, train_rows, val_rows, run_dir,
               config, total, steps_per_epoch, rows_per_step)
     if resume:
         state = load_state(resume)
@@ -352,8 +352,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()
         for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, args.packing_length, pad_id,
                                    args.share_prefix):
-            with run.autocast:
-                loss_sum, n, correct = token_loss(model, batch, device)
+            loss_sum, n, correct = token_loss(model, batch, device)
             (loss_sum * accelerator.num_processes / n_step).backward()  # the reduce below averages over processes
             log["loss"] += loss_sum.item()
             log["labels"] += n

@@ -163,3 +163,41 @@ def test_num_threads_is_applied(tiny_model_dir):
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_bf16_frozen_weights_store_the_base_in_bf16_and_keep_lora_fp32(arch, tiny_model_dir, tiny_qwen_dir):
+    """--cpu_autocast_bf16: frozen matrices in bf16 (half the bytes), LoRA/norms/biases fp32, same logits as
+    plain autocast over fp32 weights, within bf16's rounding (autocast rounds those weights to bf16 at every matmul)."""
+    from keel.lora import LoraArgs, apply_lora
+    from keel.model import bf16_frozen_weights
+
+    path = str(tiny_model_dir if arch == "llama" else tiny_qwen_dir)
+    ids = torch.tensor([[5, 9, 14, 3, 27, 8, 11]])
+    ref = apply_lora(load_model(ModelArgs(model=path))[0], LoraArgs(lora_rank=4, lora_alpha=8, lora_dropout=0.0))
+    for n, p in ref.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter, not peft's zero init
+    frozen_fp32 = sum(p.numel() * p.element_size() for p in ref.parameters() if not p.requires_grad)
+    with torch.no_grad():
+        fp32 = ref(ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = ref(ids).logits.float()
+    model = bf16_frozen_weights(ref)
+    for n, p in model.named_parameters():
+        want = torch.float32 if p.requires_grad or p.dim() < 2 else torch.bfloat16
+        assert p.dtype == want, n
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    norms = sum(p.numel() * 4 for p in model.parameters() if not p.requires_grad and p.dim() < 2)
+    assert frozen - norms == (frozen_fp32 - norms) // 2
+    with torch.no_grad():  # no autocast around it: the model carries its own, so generation and probes work
+        got = model(ids).logits.float()
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    # bf16 rounding moves the logits a little (~2% here); stored bf16 weights move them no further than autocast
+    assert (got - fp32).abs().max() <= 1.5 * (autocast - fp32).abs().max()
+    model.train()
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import math
 import shutil
 import subprocess
 import sys
@@ -215,12 +216,18 @@ def test_shared_prefix_trains_like_plain_packing(tiny_model_dir, id_file, tmp_pa
         assert s.get("eval_loss", 0) == pytest.approx(p.get("eval_loss", 0), rel=1e-3)
 
 
-def test_bf16_autocast_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+def test_bf16_training_evaluates_probes_and_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys,
+                                                                        monkeypatch):
+    """bf16 frozen weights: the in-training eval loss, identity probe and final check run on them too."""
     import keel.train
 
     monkeypatch.setattr(keel.train, "cpu_has_native_bf16", lambda: False)
-    sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--cpu_autocast_bf16", "true"))
-    assert "no AVX-512 BF16 or AMX" in capsys.readouterr().out
+    result = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--cpu_autocast_bf16", "true",
+                           "--eval_identity", "true", "--model_name", "Keel", "--model_author", "Acme"))
+    out = capsys.readouterr().out
+    assert "no AVX-512 BF16 or AMX" in out and "identity check:" in out
+    last = read_log(result["run_dir"])[-1]
+    assert math.isfinite(last["eval_loss"]) and "identity_hit" in last
 
 
 def one_line(err: str) -> str:
