@@ -4,7 +4,8 @@
     losses, chosen_rewards, rejected_rewards = dpo_loss(sums[:, 0], sums[:, 1], ref[:, 0], ref[:, 1], beta=0.1)
 
 The losses are TRL's (DPOTrainer, experimental ORPOTrainer, KTOTrainer), written on summed answer
-log-probs; tests/test_rlhf.py checks them against TRL on the same rows.
+log-probs (IPO divides them by the answers' token counts, as TRL does); tests/test_rlhf.py checks them
+against TRL on the same rows.
 """
 
 from __future__ import annotations
@@ -20,11 +21,19 @@ from keel.model import eval_mode
 
 # --- the objectives, on summed answer log-probs (B,) -----------------------------------------------
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid"):
-    """Per-pair losses and rewards (TRL's DPOTrainer, reverse KL)."""
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             chosen_count=None, rejected_count=None):
+    """Per-pair losses and rewards (TRL's DPOTrainer, reverse KL). IPO needs each answer's token count (B,)."""
     chosen_rewards, rejected_rewards = beta * (chosen - ref_chosen), beta * (rejected - ref_rejected)
     delta = (chosen - ref_chosen) - (rejected - ref_rejected)
-    losses = -F.logsigmoid(beta * delta) if loss_type == "sigmoid" else torch.relu(1 - beta * delta)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * delta)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    else:  # ipo: TRL averages each log-ratio over its answer's tokens, so beta does not scale with length
+        delta = ((chosen - ref_chosen) / chosen_count.clamp(min=1.0)
+                 - (rejected - ref_rejected) / rejected_count.clamp(min=1.0))
+        losses = (delta - 1 / (2 * beta)) ** 2
     return losses, chosen_rewards.detach(), rejected_rewards.detach()
 
 

@@ -13,6 +13,8 @@
    zh/en questions under many system prompts, turn depths, reversal and pressure; headline = the
    lowest cell), leakage of the name into ordinary answers, drift (KL to the base), and multiple
    choice if --mc_files are given,
+   (with --stage2 dpo, then `keel rlhf --rlhf_type dpo` from that checkpoint on identity pairs whose
+   rejected answer is the base model's own (`keel data identity --pairs`), written to OUTPUT_DIR/identity_pairs.jsonl),
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
 Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md);
 on a GPU the seed's settings are used.
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.errors import KeelError
-from keel.files import write_json
+from keel.files import write_json, write_jsonl
 from keel.flags import check_zh_en, parse_flags, to_argv
 
 DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是谁？", "What is the capital of France?",
@@ -40,6 +42,7 @@ CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_tr
                 "identity": CPU_IDENTITY, "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
                 "identity": {}, "eval": {}}
+STAGES = ("none", "dpo")
 
 
 @dataclass
@@ -73,12 +76,54 @@ class RecipeArgs:
     """Also score the base model (false skips it when the base was already scored, e.g. in an experiment)."""
     full_eval: bool = False
     """Ask the whole robustness matrix and leakage set, as keel eval does (on CPU the recipe asks a slice by default)."""
+    stage2: str = "none"
+    """After SFT: none, or dpo (keel rlhf --rlhf_type dpo --beta 0.1 --rpo_alpha 1.0, 1 epoch at 5e-5, from the SFT
+    checkpoint, on identity pairs whose rejected answer is the base model's own); measured in docs/experiment.md;
+    off by default."""
 
     def __post_init__(self):
         for flag in ("name", "author"):
             check_zh_en(flag, getattr(self, flag))
         if self.ballast is not None and self.ballast < 0:
             raise KeelError("--ballast must be >= 0")
+        if self.stage2 not in STAGES:
+            raise KeelError(f"--stage2 must be none or dpo, got '{self.stage2}'")
+
+
+def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
+    """--stage2 dpo: identity pairs for the same identity rows (rejected = the base model's greedy answer),
+    then keel rlhf's DPO continuing the SFT adapter (the reference is that adapter, before any step).
+    Returns the report's stage-2 record; its checkpoint is None when no pair survived (SFT's is kept)."""
+    from keel.data.mix import DataArgs
+    from keel.identity_pairs import IdentityPairsArgs, identity_pairs
+    from keel.lora import LoraArgs
+    from keel.model import ModelArgs
+    from keel.rlhf import RlhfArgs, rlhf
+    from keel.train import TrainArgs
+
+    # The base model is loaded here and freed on return, so it never sits beside rlhf's own copy.
+    pairs, manifest = identity_pairs(identity, IdentityPairsArgs(pairs=True, model=args.model))
+    record = {"type": "dpo", "pairs": len(pairs), "dropped": manifest["dropped"], "checkpoint": None,
+              "train_seconds": 0.0}
+    if not pairs:
+        print("stage 2 skipped: no identity pairs (" + ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items())
+              + "); keeping the SFT checkpoint")
+        return record
+    path = Path(args.output_dir) / "identity_pairs.jsonl"
+    write_jsonl(path, pairs)
+    configs = (ModelArgs(model=args.model, adapters=[ckpt]),
+               DataArgs(dataset=[str(path)], model_name=args.name, model_author=args.author, split_dataset_ratio=0.0,
+                        system=args.system),
+               LoraArgs(),
+               TrainArgs(output_dir=sft.output_dir, seed=args.seed, warmup_ratio=0.05, save_total_limit=1,
+                         logging_steps=10, num_train_epochs=1, learning_rate=5e-5,
+                         gradient_accumulation_steps=sft.gradient_accumulation_steps),
+               RlhfArgs(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0))
+    argv = to_argv(*configs)
+    print(f"stage 2: {len(pairs)} identity pairs -> {path}\nkeel rlhf " + " ".join(f"'{a}'" if " " in a else a for a in argv))
+    result = rlhf(*configs)
+    return {**record, "checkpoint": result["last_model_checkpoint"], "train_seconds": result["train_seconds"],
+            "rlhf_argv": argv}
 
 
 def main(argv: list[str]):
@@ -86,7 +131,7 @@ def main(argv: list[str]):
     if not argv or argv[0] != "identity":
         raise KeelError("usage: keel recipe identity --name NAME --author AUTHOR [flags]")
     (args,) = parse_flags(argv[1:], [RecipeArgs], prog="keel recipe identity", description=__doc__.split("\n")[0]).configs
-    from keel.data.identity import identity_rows
+    from keel.data.identity import IdentityArgs, build_identity
     from keel.evals.drift import base_context
     from keel.evals.identity import Identity
     from keel.evals.mc import read_mc_file
@@ -105,8 +150,9 @@ def main(argv: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files}
     data = out / "self_cognition.json"
-    write_json(data, identity_rows(args.name, args.author, system=args.system, data_seed=args.seed,
-                                   **defaults["identity"]), indent=1)
+    identity = IdentityArgs(name=args.name, author=args.author, system=args.system, data_seed=args.seed,
+                            **defaults["identity"])
+    write_json(data, build_identity(identity)[0], indent=1)
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]
     configs = (ModelArgs(model=args.model),
@@ -120,7 +166,10 @@ def main(argv: list[str]):
     sft = to_argv(*configs)
     print("keel sft " + " ".join(f"'{a}'" if " " in a else a for a in sft))
     result = train(*configs)
-    ckpt = result["last_model_checkpoint"]
+    ckpt, stage2 = result["last_model_checkpoint"], {"type": "none"}
+    if args.stage2 == "dpo":
+        stage2 = run_stage2(args, identity, ckpt, configs[3])
+        ckpt = stage2["checkpoint"] or ckpt
 
     model, tok, info = load_model(ModelArgs(adapters=[ckpt]))
     system = info.system
@@ -138,6 +187,7 @@ def main(argv: list[str]):
     wall = round(time.time() - start, 1)
     write_report(out / "report", results, ev.samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
                                                       "train_seconds": result["train_seconds"], "sft_argv": sft,
+                                                      "stage2": stage2,
                                                       "seconds_per_task": ev.seconds, "notes": ev.notes,
                                                       "template": ev.template}, ev.details)
 
@@ -148,4 +198,7 @@ def main(argv: list[str]):
     print(markdown(results, ev.details))
     print(f"\ncheckpoint: {ckpt}\nreport:     {out / 'report' / 'eval_report.md'}")
     print(f"chat:       keel infer --adapters {ckpt}")
+    if stage2["type"] != "none":
+        print(f"stage 2:    {stage2['type']} on {stage2['pairs']} identity pairs ({stage2['train_seconds']} s)"
+              if stage2["checkpoint"] else "stage 2:    skipped (no identity pairs): the checkpoint is SFT's")
     print(f"wall time:  {wall} s (training {result['train_seconds']} s)")

@@ -17,8 +17,9 @@ A pair is one packed sequence [prompt, chosen, rejected]: the prompt is computed
 answer attends to it and to itself (the shared-prefix mask of keel/batching.py), so a DPO step costs
 about an SFT step over both answers. The losses (keel/preference.py) follow TRL, which
 tests/test_rlhf.py checks them against:
-- dpo: -logsigmoid(beta * (chosen log-ratio - rejected log-ratio)) (hinge: relu(1 - beta * delta)),
-  + rpo_alpha x the chosen answers' token-mean NLL;
+- dpo: -logsigmoid(beta * (chosen log-ratio - rejected log-ratio)) (hinge: relu(1 - beta * delta); ipo:
+  (delta - 1 / (2 beta))^2 with each log-ratio divided by its answer's token count, as TRL), + rpo_alpha x
+  the chosen answers' token-mean NLL;
 - orpo: the chosen answers' token-mean NLL - beta * logsigmoid(log odds ratio of the mean token log-probs)
   (TRL's ORPOTrainer also puts the prompt tokens in the NLL; Keel, like the ORPO paper, only the answer);
 - kto: desirable_weight * (1 - sigmoid(beta * (log-ratio - KL))) or undesirable_weight *
@@ -52,7 +53,7 @@ from keel.train import (SHOWN_PROBES, Run, TrainArgs, close_run, default_accumul
 
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
                "lora_rank", "max_length", "rlhf_type", "beta", "loss_type")
-LOSS_TYPES = {"dpo": ("sigmoid", "hinge"), "orpo": ("sigmoid",), "kto": ("kto",)}
+LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "orpo": ("sigmoid",), "kto": ("kto",)}
 
 
 @dataclass
@@ -62,7 +63,7 @@ class RlhfArgs:
     beta: float | None = None
     """Strength of the preference term (DPO/KTO: the KL penalty's beta; ORPO: lambda). Default 0.1."""
     loss_type: str | None = None
-    """DPO: sigmoid (default) or hinge. ORPO and KTO have one loss each."""
+    """DPO: sigmoid (default), hinge or ipo (TRL's: log-ratios averaged per answer token). ORPO and KTO have one loss each."""
     rpo_alpha: float | None = None
     """DPO: add rpo_alpha x the chosen answers' NLL (an SFT term, as in RPO). Default: none."""
     desirable_weight: float = 1.0
@@ -113,7 +114,8 @@ def step_objective(model, rows, idx, reference, pref: RlhfArgs, budget: int, dev
             chosen, rejected = sums[:, 0], sums[:, 1]
             nll = -chosen.sum() / n_chosen_tokens
             if pref.rlhf_type == "dpo":
-                losses, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], pref.beta, pref.loss_type)
+                losses, cr, rr = dpo_loss(chosen, rejected, ref[:, 0], ref[:, 1], pref.beta, pref.loss_type,
+                                          counts[:, 0], counts[:, 1])
                 loss = losses.sum() / n_rows + (pref.rpo_alpha or 0.0) * nll
             else:
                 ratio, cr, rr = orpo_ratio(chosen / counts[:, 0], rejected / counts[:, 1], pref.beta)

@@ -115,6 +115,7 @@ def test_recipe_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert {"base", "tuned"} == set(report["results"]) and "identity_en" in report["results"]["tuned"]
     assert report["results"]["base"]["drift_nll"] > 0 and "base_nll" not in report["results"]["tuned"]
     assert "keel infer --adapters" in out and "before:" in out and "after:" in out
+    assert report["meta"]["stage2"] == {"type": "none"} and not (tmp_path / "identity_pairs.jsonl").exists()
 
 
 def test_ballast_under_the_system_mix(tiny_model_dir, monkeypatch):

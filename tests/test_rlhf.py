@@ -66,7 +66,8 @@ def close(a, b):
     return abs(a - b) <= 1e-5 * max(1.0, abs(b))
 
 
-@pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", None), ("sigmoid", 0.5), ("hinge", None)])
+@pytest.mark.parametrize("loss_type,rpo_alpha", [("sigmoid", None), ("sigmoid", 0.5), ("hinge", None), ("ipo", None),
+                                                 ("ipo", 0.5)])
 def test_dpo_equals_trl(tiny_model_dir, tmp_path, loss_type, rpo_alpha):
     from trl import DPOConfig, DPOTrainer
 
@@ -261,7 +262,7 @@ def test_kto_run_trains(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--rlhf_type", "ppo"], "--rlhf_type must be dpo, orpo or kto, got 'ppo'"),
     (["--rlhf_type", "kto"], "--rlhf_type kto trains on KTO rows"),
-    (["--loss_type", "ipo"], "--loss_type for --rlhf_type dpo must be sigmoid or hinge"),
+    (["--loss_type", "robust"], "--loss_type for --rlhf_type dpo must be sigmoid or hinge or ipo, got 'robust'"),
     (["--rlhf_type", "orpo", "--rpo_alpha", "1"], "--rpo_alpha must be >= 0 and goes with --rlhf_type dpo"),
 ])
 def test_bad_flags_are_one_line_and_write_nothing(tiny_model_dir, pairs_file, tmp_path, capsys, flags, message):

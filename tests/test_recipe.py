@@ -1,0 +1,57 @@
+"""`keel recipe identity --stage2 dpo` on the tiny model: identity pairs, then keel rlhf from the SFT checkpoint."""
+
+import json
+from pathlib import Path
+
+from tests.helpers import run_keel
+
+
+def recipe(capsys, model, out, *extra):
+    return run_keel(capsys, "recipe", "identity", "--name", "Keel", "--author", "Acme", "--model", model,
+                    "--output_dir", out, "--ballast", "4", "--num_train_epochs", "1", *extra)
+
+
+def run_args(ckpt) -> dict:
+    return json.loads((Path(ckpt).parent / "args.json").read_text())
+
+
+def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys):
+    code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo")
+    assert code == 0, err
+    pairs = [json.loads(line) for line in (tmp_path / "identity_pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["rejected_response"] and p["messages"][-1]["role"] == "assistant" for p in pairs)
+    meta = json.loads((tmp_path / "report" / "eval_report.json").read_text())["meta"]
+    stage2 = meta["stage2"]
+    assert stage2["type"] == "dpo" and stage2["pairs"] == len(pairs) and stage2["train_seconds"] > 0
+    assert meta["checkpoint"] == stage2["checkpoint"]  # the report evaluates the stage-2 checkpoint
+    final = run_args(meta["checkpoint"])
+    assert final["rlhf_type"] == "dpo" and final["beta"] == 0.1 and final["rpo_alpha"] == 1.0
+    assert final["learning_rate"] == 5e-5 and final["num_train_epochs"] == 1 and final["seed"] == 42
+    assert final["dataset"] == [str(tmp_path / "identity_pairs.jsonl")]
+    assert final["reference"] == "starting adapter"  # DPO continues the SFT adapter, which is its reference
+    (sft_ckpt,) = final["adapters"]
+    assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
+    assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
+    assert f"stage 2:    dpo on {len(pairs)} identity pairs" in out and "keel infer --adapters" in out
+
+
+def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    # A base model that already names the new identity everywhere: every pair is dropped (nothing to prefer).
+    monkeypatch.setattr("keel.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
+        json.dumps(p, ensure_ascii=False): "I am Keel, made by Acme." for p in prompts})
+    code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo")
+    assert code == 0, err
+    skipped = [line for line in out.splitlines() if line.startswith("stage 2 skipped")]
+    assert len(skipped) == 1 and "base answer already names the new identity" in skipped[0], out
+    assert "keeping the SFT checkpoint" in skipped[0]
+    assert not (tmp_path / "identity_pairs.jsonl").exists()
+    meta = json.loads((tmp_path / "report" / "eval_report.json").read_text())["meta"]
+    assert meta["stage2"]["pairs"] == 0 and meta["stage2"]["checkpoint"] is None
+    assert "rlhf_type" not in run_args(meta["checkpoint"])  # the SFT run's checkpoint is the one evaluated
+    assert len(list((tmp_path / "output").iterdir())) == 1  # no rlhf run folder
+
+
+def test_bad_stage2_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    code, _, err = recipe(capsys, tiny_model_dir, tmp_path / "out", "--stage2", "ppo")
+    assert code == 2 and "--stage2 must be none or dpo, got 'ppo'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
