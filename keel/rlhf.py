@@ -30,7 +30,6 @@ Each step normalises over its pairs (and chosen tokens), so accumulation gives t
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,17 +38,18 @@ from pathlib import Path
 import torch
 
 from keel.batching import epoch_windows
-from keel.checkpoint import check_writable, find_resume_dir, load_state, rotate_checkpoints, save_checkpoint
+from keel.checkpoint import check_writable, find_resume_dir, load_state
 from keel.data.mix import DataArgs
 from keel.data.pairs import KTO, build_pairs
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, bf16_frozen_weights, eval_mode, load_model, read_adapter_args
+from keel.model import ModelArgs, bf16_frozen_weights, eval_mode, load_model
 from keel.preference import (answer_logps, dpo_loss, kto_kl, kto_loss, kto_units, orpo_ratio, pack_units,
                              reference_logps, unit_len, units_of)
-from keel.train import (SHOWN_PROBES, Run, TrainArgs, close_run, default_accumulation, new_run_dir, open_run_dir,
-                        peak_memory_gb, rng_state, set_rng_state)
+from keel.train import SHOWN_PROBES, TrainArgs, default_accumulation
+from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_step, peak_memory_gb, resumed_model,
+                           save_step, set_rng_state, write_record)
 
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
                "lora_rank", "max_length", "rlhf_type", "beta", "loss_type")
@@ -179,15 +179,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     resume = find_resume_dir(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     continued = bool(margs.adapters)  # the reference is the starting adapter, not the base weights
     if resume:
-        saved = read_adapter_args(resume)
-        mine = {**to_dict(data, lora, args, pref), "model": margs.model or saved.get("model")}
-        clash = [k for k in RESUME_KEYS if k in saved and saved[k] != mine.get(k)]
-        if clash:
-            raise KeelError(f"--resume_from_checkpoint {resume}: it belongs to another run "
-                            f"(--{clash[0]} was {saved[clash[0]]!r}, now {mine.get(clash[0])!r})")
+        margs, saved = resumed_model(resume, margs, to_dict(data, lora, args, pref), RESUME_KEYS)
         run_dir = resume.parent
-        margs = ModelArgs(model=saved.get("model"), adapters=[str(resume)], torch_dtype=margs.torch_dtype,
-                          num_threads=margs.num_threads)
     else:
         run_dir = Path(broadcast_object_list([new_run_dir(output_dir) if main_process else None])[0])
 
@@ -260,7 +253,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
     from tqdm import tqdm
 
     run = setup(margs, data, lora, args, pref)
-    accelerator, model, params, total = run.accelerator, run.model, run.params, run.total
+    accelerator, model, total = run.accelerator, run.model, run.total
     main_process, device, budget = accelerator.is_main_process, accelerator.device, args.packing_length
     reference, val_reference = run.reference
     step, best = run.step, run.best
@@ -277,16 +270,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
         stats = step_objective(model, run.train_rows, idx, reference, pref, budget, device, kl)
         if kl is not None:
             stats["kl"] = kl.item()
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if accelerator.num_processes > 1:
-                p.grad = accelerator.reduce(p.grad, "mean")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        lr = run.scheduler.get_last_lr()[0]
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(run, args.max_grad_norm)
         step += 1
         bar.update(1)
         log.append(stats)
@@ -320,27 +304,9 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
                 tqdm.write(f"eval {step}/{total} | " + " | ".join(
                     f"{k} {v}" for k, v in record.items() if k.startswith("eval_") or k in SHOWN_PROBES))
         if record and main_process:
-            with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({**record, "global_step": step}) + "\n")
-            if getattr(args, "report_to", None):  # --report_to tensorboard|wandb|swanlab, as keel sft
-                from keel.tracking import report
-                report(args.report_to, run.run_dir, record, step, run.config)
-        if save:
-            metric = record.get(args.metric_for_best_model)
-            if args.max_drift is not None and record.get("drift_kl", 0) > args.max_drift:
-                metric = None
-            better = metric is not None and (best["metric"] is None or (
-                metric < best["metric"] if args.metric_for_best_model == "eval_loss" else metric > best["metric"]))
-            path = run.run_dir / f"checkpoint-{step}"
-            if better:
-                best = {"metric": float(metric), "path": str(path)}
-            if main_process:
-                state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                         "rng": rng_state(), "step": step, "best": best,
-                         "reference": reference, "val_reference": val_reference}  # a resumed run needs no base pass
-                save_checkpoint(run.run_dir, step, accelerator.unwrap_model(model), state, run.config)
-                rotate_checkpoints(run.run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
-            accelerator.wait_for_everyone()
+            write_record(run, args, record, step)
+        if save:  # the reference log-probs go with the checkpoint: a resumed run needs no base pass
+            best = save_step(run, args, step, record, best, reference=reference, val_reference=val_reference)
     bar.close()
 
     return close_run(run.run_dir, total, best, start, start_step, main_process)

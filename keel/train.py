@@ -20,12 +20,7 @@ number of label tokens in the whole step, so every answer token weighs the same.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
 import math
-import os
-import random
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,15 +29,16 @@ import torch
 
 from keel.ballast import resolve_ballast
 from keel.batching import epoch_windows, micro_batches, token_loss
-from keel.checkpoint import check_writable, find_resume_dir, load_state, note_resume, rotate_checkpoints, save_checkpoint
-from keel.files import write_json
+from keel.checkpoint import check_writable, find_resume_dir, load_state
 from keel.chat import IGNORE_INDEX
-from keel.data.mix import DataArgs, build_datasets, format_manifest
+from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, bf16_frozen_weights, cpu_has_native_bf16, eval_mode, load_model, read_adapter_args
-from keel.tracking import check_report_to, report
+from keel.model import ModelArgs, bf16_frozen_weights, cpu_has_native_bf16, eval_mode, load_model
+from keel.tracking import check_report_to
+from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_step, peak_memory_gb, resumed_model,
+                           save_step, set_rng_state, write_record)
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
@@ -137,42 +133,6 @@ def default_accumulation(batch_size: int, processes: int) -> int:
     return max(1, math.ceil(16 / batch_size / processes))
 
 
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KiB
-
-
-def new_run_dir(output_dir: Path) -> Path:
-    n = len([p for p in output_dir.glob("v*-*") if p.is_dir()])
-    return output_dir / f"v{n}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
-
-
-def writable_dir(path: Path) -> Path:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        # One probe per process: under torchrun every rank checks the same folder at once.
-        probe = path / f".keel-write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise KeelError(f"--output_dir {path}: cannot write there ({e.strerror})") from None
-    return path
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
 
 @torch.no_grad()
 def evaluate_loss(model, rows, args: TrainArgs, pad_id, device, accelerator) -> dict:
@@ -188,51 +148,6 @@ def evaluate_loss(model, rows, args: TrainArgs, pad_id, device, accelerator) -> 
     return {"eval_loss": round(totals[0].item() / max(totals[1].item(), 1), 4),
             "eval_token_acc": round(totals[2].item() / max(totals[1].item(), 1), 4)}
 
-
-def open_run_dir(run_dir: Path, resume: Path | None, step: int, config: dict, manifest: dict):
-    """The run folder's opening (main process): args.json and manifest.json written, the manifest printed."""
-    writable_dir(run_dir)
-    if resume:
-        note_resume(run_dir, resume, step)
-    write_json(run_dir / "args.json", config)
-    write_json(run_dir / "manifest.json", manifest)
-    print(format_manifest(manifest))
-
-
-def close_run(run_dir: Path, total: int, best: dict, start: float, start_step: int, main_process: bool) -> dict:
-    """The result keel sft and keel rlhf return; the curves drawn and the checkpoints printed (main process)."""
-    last_ckpt = str(run_dir / f"checkpoint-{total}")
-    result = {"run_dir": str(run_dir), "last_model_checkpoint": last_ckpt,
-              "best_model_checkpoint": best["path"] or last_ckpt,
-              "train_seconds": round(time.time() - start, 1), "steps": total - start_step}
-    if main_process:
-        from keel.plots import plot_run
-
-        plot_run(run_dir)
-        print(f"last_model_checkpoint: {result['last_model_checkpoint']}")
-        print(f"best_model_checkpoint: {result['best_model_checkpoint']}")
-    return result
-
-
-@dataclass
-class Run:
-    """Everything the loop needs, built once by `setup`."""
-    accelerator: object
-    model: object
-    tok: object
-    params: list
-    optimizer: object
-    scheduler: object
-    train_rows: list
-    val_rows: list
-    run_dir: Path
-    config: dict
-    total: int
-    steps_per_epoch: int
-    rows_per_step: int
-    step: int = 0
-    best: dict = field(default_factory=lambda: {"metric": None, "path": None})
-    probe: object = None
 
 
 def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> Run:
@@ -252,15 +167,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     output_dir = check_writable(Path(args.output_dir))  # created once the model and data have loaded
     resume = find_resume_dir(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
     if resume:
-        saved = read_adapter_args(resume)
-        mine = {**to_dict(data, lora, args), "model": margs.model or saved.get("model")}
-        clash = [k for k in RESUME_KEYS if k in saved and saved[k] != mine.get(k)]
-        if clash:
-            raise KeelError(f"--resume_from_checkpoint {resume}: it belongs to another run "
-                            f"(--{clash[0]} was {saved[clash[0]]!r}, now {mine.get(clash[0])!r})")
+        margs, _ = resumed_model(resume, margs, to_dict(data, lora, args), RESUME_KEYS)
         run_dir = resume.parent
-        margs = ModelArgs(model=saved.get("model"), adapters=[str(resume)], torch_dtype=margs.torch_dtype,
-                          num_threads=margs.num_threads)
     else:
         run_dir = new_run_dir(output_dir) if main_process else None
         run_dir = Path(broadcast_object_list([run_dir])[0])
@@ -334,7 +242,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     from tqdm import tqdm
 
     run = setup(margs, data, lora, args)
-    accelerator, model, params, total = run.accelerator, run.model, run.params, run.total
+    accelerator, model, total = run.accelerator, run.model, run.total
     main_process, device, pad_id = accelerator.is_main_process, accelerator.device, run.tok.pad_token_id
     step, best = run.step, run.best
 
@@ -358,16 +266,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
             log["labels"] += n
             log["correct"] += correct
             log["tokens"] += batch["n_tokens"]  # the rows' own tokens: a shared prefix counts once per row
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            if accelerator.num_processes > 1:
-                p.grad = accelerator.reduce(p.grad, "mean")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
-        lr = run.scheduler.get_last_lr()[0]
-        run.optimizer.step()
-        run.scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        grad_norm, lr = optimizer_step(run, args.max_grad_norm)
         step += 1
         bar.update(1)
 
@@ -397,24 +296,9 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
                 tqdm.write(f"eval {step}/{total} | " + " | ".join(
                     f"{k} {v}" for k, v in record.items() if k.startswith("eval_") or k in SHOWN_PROBES))
         if record and main_process:
-            with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps({**record, "global_step": step}) + "\n")
-            report(args.report_to, run.run_dir, record, step, run.config)
+            write_record(run, args, record, step)
         if save:
-            metric = record.get(args.metric_for_best_model)
-            if args.max_drift is not None and record.get("drift_kl", 0) > args.max_drift:
-                metric = None  # over the drift budget: never the best
-            better = metric is not None and (best["metric"] is None or (
-                metric < best["metric"] if args.metric_for_best_model == "eval_loss" else metric > best["metric"]))
-            path = run.run_dir / f"checkpoint-{step}"
-            if better:
-                best = {"metric": float(metric), "path": str(path)}  # plain values: load_state is weights_only
-            if main_process:
-                state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                         "rng": rng_state(), "step": step, "best": best}
-                save_checkpoint(run.run_dir, step, accelerator.unwrap_model(model), state, run.config)
-                rotate_checkpoints(run.run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
-            accelerator.wait_for_everyone()
+            best = save_step(run, args, step, record, best)
     bar.close()
 
     if main_process and (data.model_name or data.model_author) and start_step < total:

@@ -277,7 +277,7 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_model_di
 def test_full_disk_during_a_checkpoint(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
     """A real full disk (a small tmpfs) where this machine allows mounting one, else torch.save's own error."""
     import keel.checkpoint as ck
-    import keel.train as kt
+    import keel.training as kt
 
     with small_tmpfs(tmp_path / "disk", size="8m") as disk:
         if disk is not None:
