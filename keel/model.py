@@ -104,13 +104,18 @@ def cpu_has_native_bf16() -> bool:
 def bf16_frozen_weights(model):
     """CPU bf16 training (`--cpu_autocast_bf16 true`): frozen base matrices kept in bfloat16, the forward in bf16 autocast.
 
-    Autocast casts every fp32 weight to bf16 at each matmul anyway and keeps that copy for the backward pass,
-    so fp32 frozen weights cost memory and a cast per step for nothing. Stored in bf16 they are the same
-    numbers. Trainable (LoRA) weights, norms and biases stay fp32, and the embedding's output is upcast so the
-    residual stream stays fp32 as under plain autocast. The autocast is put on the model's own forward, so
-    every pass (training, in-training eval, generation, the DPO reference) runs the same way.
+    Autocast casts every fp32 weight to bf16 at each matmul anyway, so fp32 frozen weights cost memory and
+    a cast per step for nothing: stored in bf16 they are the same numbers. Autocast also casts each
+    linear layer's fp32 input on its own (q, k, v and their LoRA branches: six bf16 copies of one norm
+    output, all kept for the backward pass), which made bf16 training use more memory than fp32. So the
+    norms hand their output on in bf16 once, and peft's LoRA layers take it as it is: the same values
+    the matmuls saw before, one copy. The residual stream stays fp32 (the embedding's output is upcast,
+    a layer's bf16 output is added to it); LoRA weights, norms, biases and the optimizer stay fp32. The
+    autocast is put on the model's own forward, so every pass (training, in-training eval, generation,
+    the DPO reference) runs the same way.
     """
     import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
     for p in model.parameters():
         if p.requires_grad or p.dtype != torch.float32:
@@ -118,6 +123,11 @@ def bf16_frozen_weights(model):
         # Matrices to bf16 (a tied embedding/head is one Parameter, converted once). The small fp32 rest is
         # copied too, so no tensor keeps the memory-mapped fp32 weights file resident (0.5 GB at 135M).
         p.data = p.data.to(torch.bfloat16) if p.dim() >= 2 else p.data.clone()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+        elif type(module).__name__.endswith(("RMSNorm", "LayerNorm")):
+            module.register_forward_hook(lambda m, args, out: out.to(torch.bfloat16))
     model.get_input_embeddings().register_forward_hook(lambda module, args, out: out.float())
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     inner.forward = torch.autocast("cpu", dtype=torch.bfloat16)(inner.forward)
