@@ -8,6 +8,8 @@ Both tools run the same job in their own child process (so wall time includes st
 load, and peak RSS is per tool): same model, rows, rendering and label masking, LoRA config,
 batch, accumulation, max_length and epochs. Prints one table with Keel/baseline ratios and an
 achieved FLOP/s figure against a matmul peak measured in this run; writes the results as JSON.
+Where the CPU has native bf16 (AVX-512 BF16 or AMX), Keel also runs with `--cpu_autocast_bf16 true`
+(bf16 frozen weights), against the same fp32 baseline (`--bf16 false` skips it).
 """
 
 from __future__ import annotations
@@ -128,13 +130,18 @@ def main():
     p.add_argument("--jobs", default="identity,mixed,seed50x10")
     p.add_argument("--batch", type=int, default=1, help="per-device batch (the seed uses 1)")
     p.add_argument("--accum", type=int, default=16, help="gradient accumulation (the seed uses 16)")
-    p.add_argument("--keel_flags", default="", help="extra keel sft flags, e.g. '--cpu_autocast_bf16 true'")
+    p.add_argument("--keel_flags", default="", help="extra keel sft flags, e.g. '--packing_length 128'")
+    p.add_argument("--bf16", choices=["auto", "true", "false"], default="auto",
+                   help="also run Keel with --cpu_autocast_bf16 true (auto: when this CPU has native bf16)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     a = p.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
     sys.path.insert(0, str(ROOT))
     load = os.getloadavg()[0]
     peak = matmul_peak()
+    keel_arms = {"keel": a.keel_flags.split()}
+    if a.bf16 == "true" or (a.bf16 == "auto" and "bf16" in peak):  # the baseline stays fp32: Trainer's CPU default
+        keel_arms["keel_bf16"] = a.keel_flags.split() + ["--cpu_autocast_bf16", "true"]
     results = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_1m_at_start": load,
                            "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}},
                "settings": {"batch": a.batch, "accum": a.accum, "keel_flags": a.keel_flags, "quick": a.quick}, "jobs": {}}
@@ -144,16 +151,19 @@ def main():
             spec = specs[job]
             tokens, labels = token_counts(spec)
             row = {"tokens": tokens, "label_tokens": labels}
-            for tool, cmd in (("keel", keel_cmd(spec, a.batch, a.accum, Path(tmp) / f"out-{job}", a.keel_flags.split())),
-                              ("baseline", baseline_cmd(spec, a.batch, a.accum))):
+            arms = [(tool, keel_cmd(spec, a.batch, a.accum, Path(tmp) / f"out-{job}-{tool}", flags))
+                    for tool, flags in keel_arms.items()] + [("baseline", baseline_cmd(spec, a.batch, a.accum))]
+            for tool, cmd in arms:
                 print(f"bench: {job} / {tool} ...", file=sys.stderr, flush=True)
                 child, wall = run_child(cmd, env)
                 tps = tokens / child["train_seconds"]
                 row[tool] = {"wall_s": round(wall, 1), "train_s": child["train_seconds"], "tokens_per_s": round(tps, 1),
                              "peak_rss_gb": child["peak_rss_gb"],
                              "pct_of_fp32_peak": round(100 * 4 * N_PARAMS * tps / peak["fp32"], 1)}
-            row["speedup_tokens_per_s"] = round(row["keel"]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
-            row["rss_ratio"] = round(row["keel"]["peak_rss_gb"] / row["baseline"]["peak_rss_gb"], 2)
+            for tool in keel_arms:
+                suffix = "" if tool == "keel" else tool[4:]
+                row["speedup_tokens_per_s" + suffix] = round(row[tool]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+                row["rss_ratio" + suffix] = round(row[tool]["peak_rss_gb"] / row["baseline"]["peak_rss_gb"], 2)
             results["jobs"][job] = row
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(f"\ncpu: {results['machine']['cpu']} x {os.cpu_count()}")
@@ -163,11 +173,14 @@ def main():
           "activations 2N; frozen weights get no weight gradient)")
     print(f"{'job':<9} {'tool':<9} {'wall s':>7} {'train s':>8} {'tokens':>8} {'labels':>7} {'tok/s':>7} {'peak RSS':>9} {'% peak':>7}")
     for job, row in results["jobs"].items():
-        for tool in ("keel", "baseline"):
+        for tool in [*keel_arms, "baseline"]:
             r = row[tool]
             print(f"{job:<9} {tool:<9} {r['wall_s']:>7} {r['train_s']:>8} {row['tokens']:>8} {row['label_tokens']:>7} "
                   f"{r['tokens_per_s']:>7} {r['peak_rss_gb']:>8}G {r['pct_of_fp32_peak']:>6}%")
-        print(f"{job:<9} {'ratio':<9} {'':>7} {'':>8} {'':>8} {'':>7} {row['speedup_tokens_per_s']:>6}x {row['rss_ratio']:>8}x")
+        for tool in keel_arms:
+            suffix = "" if tool == "keel" else tool[4:]
+            print(f"{job:<9} {tool + '/b':<9} {'':>7} {'':>8} {'':>8} {'':>7} {row['speedup_tokens_per_s' + suffix]:>6}x "
+                  f"{row['rss_ratio' + suffix]:>8}x")
     print(f"results: {a.out}")
 
 
