@@ -44,7 +44,7 @@ from keel.data.pairs import KTO, build_pairs
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, bf16_frozen_weights, eval_mode, load_model
+from keel.model import ModelArgs, bf16_frozen_weights, cpu_bf16_training, eval_mode, load_model
 from keel.preference import (answer_logps, dpo_loss, kto_kl, kto_loss, kto_units, orpo_ratio, pack_units,
                              reference_logps, unit_len, units_of)
 from keel.train import SHOWN_PROBES, TrainArgs, default_accumulation
@@ -200,7 +200,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # tokens per packed pass, as keel sft (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    if device.type == "cpu" and args.cpu_autocast_bf16:  # before the reference pass: policy and reference alike
+    args.cpu_autocast_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device)  # args.json says what ran
+    if args.cpu_autocast_bf16:  # before the reference pass: policy and reference alike
         bf16_frozen_weights(model)
 
     # --- data: pairs (or KTO rows) rendered once; their kind must fit --rlhf_type

@@ -95,6 +95,13 @@ def tiny_tokenizer():
 
 
 @pytest.fixture(autouse=True)
+def _fp32_training(monkeypatch):
+    """Training tests run in fp32 on every CPU: bf16 is the default only where the CPU has native bf16, and a test's
+    figures must not depend on the machine. Tests of the bf16 path patch this back."""
+    monkeypatch.setattr("keel.model.cpu_has_native_bf16", lambda: False)
+
+
+@pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Tests never touch the user's cache, but share one cache within the test session
     so the embedded model is dequantized at most once per run."""

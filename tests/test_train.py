@@ -216,6 +216,19 @@ def test_shared_prefix_trains_like_plain_packing(tiny_model_dir, id_file, tmp_pa
         assert s.get("eval_loss", 0) == pytest.approx(p.get("eval_loss", 0), rel=1e-3)
 
 
+@pytest.mark.parametrize("native,flag,expected", [(True, None, True), (False, None, False), (True, "false", False),
+                                                   (False, "true", True)])
+def test_bf16_training_is_the_default_where_the_cpu_has_native_bf16(tiny_model_dir, id_file, tmp_path, monkeypatch,
+                                                                     native, flag, expected):
+    import keel.model
+
+    monkeypatch.setattr(keel.model, "cpu_has_native_bf16", lambda: native)
+    result = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--split_dataset_ratio", "0",
+                           *(["--cpu_autocast_bf16", flag] if flag else [])))
+    saved = json.loads((Path(result["run_dir"]) / "args.json").read_text())
+    assert saved["cpu_autocast_bf16"] is expected  # what ran, not what was asked
+
+
 def test_bf16_training_evaluates_probes_and_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys,
                                                                         monkeypatch):
     """bf16 frozen weights: the in-training eval loss, identity probe and final check run on them too."""
