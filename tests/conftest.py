@@ -94,11 +94,14 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture(autouse=True)
-def _fp32_training(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def _fp32_training():
     """Training tests run in fp32 on every CPU: bf16 is the default only where the CPU has native bf16, and a test's
-    figures must not depend on the machine. Tests of the bf16 path patch this back."""
-    monkeypatch.setattr("keel.model.cpu_has_native_bf16", lambda: False)
+    figures must not depend on the machine. Session-wide, so session fixtures that train (the embedded adapter)
+    are fp32 too; tests of the bf16 path patch it back."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("keel.model.cpu_has_native_bf16", lambda: False)
+        yield
 
 
 @pytest.fixture(autouse=True)

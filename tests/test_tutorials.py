@@ -188,7 +188,7 @@ def test_mixed_run_with_bf16_and_loader_workers_on_cpu(tutorial, identity_run):
     said = out + err
     if not torch.cuda.is_available():
         # Each flag this machine has no use for is named once, and nothing is refused.
-        assert said.count("note: --torch_dtype bfloat16: on CPU Keel computes in float32") == 1
+        assert said.count("note: --torch_dtype bfloat16: on CPU Keel loads and evaluates in float32") == 1
         assert said.count("note: CUDA_VISIBLE_DEVICES=0 but torch sees no CUDA device") == 1
     assert said.count("note: --dataloader_num_workers 4: accepted for ms-swift compatibility and not used") == 1
 
@@ -297,7 +297,7 @@ def test_bfloat16_on_cpu_means_float32_with_one_note(tiny_qwen_dir, capsys, monk
     assert pick_device_dtype("bfloat16") == (torch.device("cpu"), torch.float32)
     assert pick_device_dtype("float16")[1] == torch.float32
     err = capsys.readouterr().err
-    assert err.count("note: --torch_dtype bfloat16: on CPU Keel computes in float32") == 1
+    assert err.count("note: --torch_dtype bfloat16: on CPU Keel loads and evaluates in float32") == 1
     assert pick_device_dtype("float32") == (torch.device("cpu"), torch.float32)
     assert "note" not in capsys.readouterr().err
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
