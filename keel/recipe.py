@@ -22,6 +22,7 @@ on a GPU the seed's settings are used.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,7 +100,6 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
     from keel.lora import LoraArgs
     from keel.model import ModelArgs
     from keel.rlhf import RlhfArgs, rlhf
-    from keel.train import TrainArgs
 
     # The base model is loaded here and freed on return, so it never sits beside rlhf's own copy.
     pairs, manifest = identity_pairs(identity, IdentityPairsArgs(pairs=True, model=args.model))
@@ -115,9 +115,7 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
                DataArgs(dataset=[str(path)], model_name=args.name, model_author=args.author, split_dataset_ratio=0.0,
                         system=args.system),
                LoraArgs(),
-               TrainArgs(output_dir=sft.output_dir, seed=args.seed, warmup_ratio=0.05, save_total_limit=1,
-                         logging_steps=10, num_train_epochs=1, learning_rate=5e-5,
-                         gradient_accumulation_steps=sft.gradient_accumulation_steps),
+               dataclasses.replace(sft, num_train_epochs=1, learning_rate=5e-5),  # the SFT run's other settings
                RlhfArgs(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0))
     argv = to_argv(*configs)
     print(f"stage 2: {len(pairs)} identity pairs -> {path}\nkeel rlhf " + " ".join(f"'{a}'" if " " in a else a for a in argv))
