@@ -6,9 +6,17 @@
 Every identity row of `keel data identity` (the same flags, kinds and system-prompt conditions:
 basic, system_mix, multi_turn, reversal, pressure) becomes a pair in ms-swift's form: `messages`
 ending in the identity answer (chosen) + `rejected_response`, the base model's own greedy answer to
-the same conversation (whatever it says of itself). Contrast and rename rows are left
-out: their answer is not the new identity, so the base model's answer is no worse. A base answer
-that already names the new identity, or equals the chosen one, is dropped (nothing to prefer).
+the same conversation (whatever it says of itself). A base answer that already names the new
+identity, or equals the chosen one, is dropped (nothing to prefer).
+
+Guard pairs (on by default) push the other way, where the identity must not appear: the contrast rows
+(questions about other AIs), the rename rows (a system prompt that names the assistant otherwise) and,
+with --ballast N, N self-distilled ballast rows (the base model's own answers to ordinary prompts under
+the system-prompt mix, as ballast#N in keel sft) keep their answer as chosen, and the rejected answer
+is that same answer opened with the identity's self-introduction ("I am NAME, an AI assistant developed
+by AUTHOR."). The only difference inside a guard pair is the introduction, so preference training
+learns to say the name where it is asked and nowhere else (docs/experiment.md: DPO on identity pairs
+alone spread the name into 60% of ordinary Chinese answers).
 Answers are cached by model and generation settings and appended batch by batch, as ballast is
 (keel/ballast.py): a second run, or one after an interruption, generates only what is missing.
 """
@@ -16,6 +24,7 @@ Answers are cached by model and generation settings and appended batch by batch,
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +34,12 @@ from keel.data.identity import Builder, IdentityArgs, main as identity_main
 from keel.errors import KeelError
 from keel.files import write_json, write_jsonl
 from keel.flags import parse_flags
+from keel.evals.sets import lang_of
 from keel.text import mentions
 
 PAIR_KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure")
+GUARD_KINDS = ("contrast", "rename")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s|(?<=[。！？])")
 
 
 @dataclass
@@ -40,10 +52,18 @@ class IdentityPairsArgs:
     """With --pairs: longest base answer; a cut-off answer is trimmed to its last full sentence."""
     batch_size: int = 16
     """With --pairs: conversations answered per generation batch."""
+    guard: bool = True
+    """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the
+    same answer opened with the identity's self-introduction), so the name is preferred only where it is asked."""
+    ballast: int = 0
+    """With --pairs: guard pairs from N self-distilled ballast rows too (the base model's answers to ordinary prompts
+    under the system-prompt mix, as ballast#N in keel sft; same rows, same cache)."""
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.batch_size < 1:
             raise KeelError("--max_new_tokens and --batch_size must be >= 1")
+        if self.ballast < 0:
+            raise KeelError(f"--ballast must be >= 0, got {self.ballast}")
 
 
 def plain(messages: list[dict]) -> list[dict]:
@@ -76,6 +96,25 @@ def make_pairs(rows: list[dict], tags: list[dict], answers: dict, new_identity: 
     return pairs, dropped
 
 
+def self_intro(args: IdentityArgs, lang: str) -> str:
+    """The first sentence of the identity's first basic answer in `lang`: how a leaking answer opens."""
+    builder = Builder(args)
+    answer = builder.fill([{"role": "assistant", "content": builder.core(lang)[0][1]}], lang)[0]["content"]
+    return SENTENCE_END.split(answer, maxsplit=1)[0].strip()
+
+
+def guard_pairs(rows: list[dict], intros: dict[str, str]) -> list[dict]:
+    """Rows whose answer must not carry the identity, as pairs: rejected = the intro in the language of the last
+    question (a Chinese question is where the name leaked, whatever language the base answered in), then the answer."""
+    pairs = []
+    for row in rows:
+        msgs = plain(row["messages"])
+        answer = msgs[-1]["content"]
+        intro = intros[lang_of(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))]
+        pairs.append({"messages": msgs, "rejected_response": intro + ("" if lang_of(intro) == "zh" else " ") + answer})
+    return pairs
+
+
 def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tokenizer=None) -> tuple[list[dict], dict]:
     """(pairs, manifest) for the identity rows `args` describes; the model is loaded unless given."""
     rows, tags = Builder(args).build()
@@ -87,10 +126,22 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     answers = base_answers(model, tokenizer, [plain(r["messages"][:-1]) for r, _ in keep], pargs.max_new_tokens,
                            pargs.batch_size)
     pairs, dropped = make_pairs(rows, tags, answers, args.name + args.author)
-    manifest = {"pairs": len(pairs), "identity_rows": len(rows), "dropped": dict(dropped), "name": args.name,
-                "author": args.author, "base_model": pargs.model or "embedded", "max_new_tokens": pargs.max_new_tokens,
-                "kinds": dict(Counter(t["kind"] for r, t in keep))}
-    return pairs, manifest
+    guarded = [r for r, t in zip(rows, tags) if t["kind"] in GUARD_KINDS] if pargs.guard else []
+    if pargs.ballast:
+        from keel.ballast import ballast_records, system_mix
+
+        guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=system_mix(args.system))
+    intros = {lang: self_intro(args, lang) for lang in ("zh", "en")}
+    guards = guard_pairs(guarded, intros)
+    if pargs.guard:  # contrast and rename rows are guards now, not dropped
+        for kind in GUARD_KINDS:
+            dropped.pop(f"kind {kind}", None)
+    manifest = {"pairs": len(pairs) + len(guards), "identity_pairs": len(pairs), "guard_pairs": len(guards),
+                "identity_rows": len(rows), "dropped": dict(dropped), "name": args.name, "author": args.author,
+                "base_model": pargs.model or "embedded", "max_new_tokens": pargs.max_new_tokens,
+                "kinds": dict(Counter(t["kind"] for r, t in keep)), "guard_ballast": pargs.ballast,
+                "intros": intros}
+    return pairs + guards, manifest
 
 
 def main(argv: list[str]):
@@ -103,7 +154,7 @@ def main(argv: list[str]):
         for a in argv:  # the plain identity dataset: the same flags without the pair ones
             if skip:
                 skip = False
-            elif a.split("=")[0] in ("--pairs", "--model", "--max_new_tokens", "--batch_size"):
+            elif a.split("=")[0] in ("--pairs", "--model", "--max_new_tokens", "--batch_size", "--guard", "--ballast"):
                 skip = "=" not in a
             else:
                 rest.append(a)
@@ -117,5 +168,6 @@ def main(argv: list[str]):
                         ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items()) + "); nothing written")
     (write_jsonl if out.suffix.lower() == ".jsonl" else write_json)(out, pairs)
     write_json(out.with_name(out.stem + ".manifest.json"), manifest)
-    print(f"wrote {len(pairs)} identity pairs to {out} from {manifest['identity_rows']} identity rows; dropped: "
+    print(f"wrote {len(pairs)} pairs to {out} ({manifest['identity_pairs']} identity, {manifest['guard_pairs']} guard) "
+          f"from {manifest['identity_rows']} identity rows; dropped: "
           + (", ".join(f"{k} {v}" for k, v in manifest["dropped"].items()) or "none"))

@@ -14,7 +14,9 @@
    lowest cell), leakage of the name into ordinary answers, drift (KL to the base), and multiple
    choice if --mc_files are given,
    (with --stage2 dpo, then `keel rlhf --rlhf_type dpo` from that checkpoint on identity pairs whose
-   rejected answer is the base model's own (`keel data identity --pairs`), written to OUTPUT_DIR/identity_pairs.jsonl),
+   rejected answer is the base model's own, and guard pairs (the contrast, rename and ballast rows, whose rejected
+   answer opens with the identity's self-introduction) (`keel data identity --pairs --ballast N`), written to
+   OUTPUT_DIR/identity_pairs.jsonl),
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
 Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md);
 on a GPU the seed's settings are used.
@@ -79,8 +81,8 @@ class RecipeArgs:
     """Ask the whole robustness matrix and leakage set, as keel eval does (on CPU the recipe asks a slice by default)."""
     stage2: str = "none"
     """After SFT: none, or dpo (keel rlhf --rlhf_type dpo --beta 0.1 --rpo_alpha 1.0, 1 epoch at 5e-5, from the SFT
-    checkpoint, on identity pairs whose rejected answer is the base model's own); measured in docs/experiment.md;
-    off by default."""
+    checkpoint, on identity pairs whose rejected answer is the base model's own, and guard pairs: the contrast, rename
+    and ballast rows, whose rejected answer opens with the identity's self-introduction); docs/experiment.md."""
 
     def __post_init__(self):
         for flag in ("name", "author"):
@@ -91,10 +93,11 @@ class RecipeArgs:
             raise KeelError(f"--stage2 must be none or dpo, got '{self.stage2}'")
 
 
-def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
-    """--stage2 dpo: identity pairs for the same identity rows (rejected = the base model's greedy answer),
-    then keel rlhf's DPO continuing the SFT adapter (the reference is that adapter, before any step).
-    Returns the report's stage-2 record; its checkpoint is None when no pair survived (SFT's is kept)."""
+def run_stage2(args: RecipeArgs, identity, ckpt: str, sft, ballast: int) -> dict:
+    """--stage2 dpo: identity pairs for the same identity rows (rejected = the base model's greedy answer) and
+    guard pairs for the rows that must not carry the identity (the SFT run's ballast rows among them), then keel
+    rlhf's DPO continuing the SFT adapter (the reference is that adapter, before any step). Returns the report's
+    stage-2 record; its checkpoint is None when no identity pair survived (SFT's is kept)."""
     from keel.data.mix import DataArgs
     from keel.identity_pairs import IdentityPairsArgs, identity_pairs
     from keel.lora import LoraArgs
@@ -102,10 +105,11 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
     from keel.rlhf import RlhfArgs, rlhf
 
     # The base model is loaded here and freed on return, so it never sits beside rlhf's own copy.
-    pairs, manifest = identity_pairs(identity, IdentityPairsArgs(pairs=True, model=args.model))
-    record = {"type": "dpo", "pairs": len(pairs), "dropped": manifest["dropped"], "checkpoint": None,
+    pairs, manifest = identity_pairs(identity, IdentityPairsArgs(pairs=True, model=args.model, ballast=ballast))
+    record = {"type": "dpo", "pairs": len(pairs), "identity_pairs": manifest["identity_pairs"],
+              "guard_pairs": manifest["guard_pairs"], "dropped": manifest["dropped"], "checkpoint": None,
               "train_seconds": 0.0}
-    if not pairs:
+    if not manifest["identity_pairs"]:  # guard pairs alone would only teach the model not to say its name
         print("stage 2 skipped: no identity pairs (" + ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items())
               + "); keeping the SFT checkpoint")
         return record
@@ -118,7 +122,8 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft) -> dict:
                dataclasses.replace(sft, num_train_epochs=1, learning_rate=5e-5),  # the SFT run's other settings
                RlhfArgs(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0))
     argv = to_argv(*configs)
-    print(f"stage 2: {len(pairs)} identity pairs -> {path}\nkeel rlhf " + " ".join(f"'{a}'" if " " in a else a for a in argv))
+    print(f"stage 2: {manifest['identity_pairs']} identity + {manifest['guard_pairs']} guard pairs -> {path}")
+    print("keel rlhf " + " ".join(f"'{a}'" if " " in a else a for a in argv))
     result = rlhf(*configs)
     return {**record, "checkpoint": result["last_model_checkpoint"], "train_seconds": result["train_seconds"],
             "rlhf_argv": argv}
@@ -166,7 +171,7 @@ def main(argv: list[str]):
     result = train(*configs)
     ckpt, stage2 = result["last_model_checkpoint"], {"type": "none"}
     if args.stage2 == "dpo":
-        stage2 = run_stage2(args, identity, ckpt, configs[3])
+        stage2 = run_stage2(args, identity, ckpt, configs[3], ballast)
         ckpt = stage2["checkpoint"] or ckpt
 
     model, tok, info = load_model(ModelArgs(adapters=[ckpt]))
@@ -197,6 +202,7 @@ def main(argv: list[str]):
     print(f"\ncheckpoint: {ckpt}\nreport:     {out / 'report' / 'eval_report.md'}")
     print(f"chat:       keel infer --adapters {ckpt}")
     if stage2["type"] != "none":
-        print(f"stage 2:    {stage2['type']} on {stage2['pairs']} identity pairs ({stage2['train_seconds']} s)"
+        print(f"stage 2:    {stage2['type']} on {stage2['identity_pairs']} identity + {stage2['guard_pairs']} guard pairs "
+              f"({stage2['train_seconds']} s)"
               if stage2["checkpoint"] else "stage 2:    skipped (no identity pairs): the checkpoint is SFT's")
     print(f"wall time:  {wall} s (training {result['train_seconds']} s)")

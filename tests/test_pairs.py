@@ -1,6 +1,7 @@
 """Preference data (keel/data/pairs.py) and identity pairs (keel/identity_pairs.py)."""
 
 import json
+import re
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ from keel.chat import render
 from keel.data.mix import DataArgs
 from keel.data.pairs import build_pairs, load_preferences, render_answers
 from keel.errors import KeelError
-from keel.identity_pairs import IdentityPairsArgs, identity_pairs, make_pairs
+from keel.identity_pairs import IdentityPairsArgs, guard_pairs, identity_pairs, make_pairs, self_intro
 from tests.helpers import run_keel
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -133,6 +134,24 @@ def test_identity_pairs_drop_answers_that_already_name_the_identity():
     assert dropped == Counter({"base answer already names the new identity": 2, "kind contrast": 1})
 
 
+def test_guard_pairs_open_the_same_answer_with_the_self_introduction():
+    from keel.data.identity import IdentityArgs
+
+    args = IdentityArgs(name=["小K", "Keel"], author=["极光", "Acme"])
+    intros = {lang: self_intro(args, lang) for lang in ("zh", "en")}
+    assert intros == {"zh": "我是小K，由极光开发的人工智能助手。", "en": "I am Keel, an AI assistant developed by Acme."}
+    rows = [{"messages": [SYSTEM, {"role": "user", "content": "Who made ChatGPT?"},
+                          {"role": "assistant", "content": "OpenAI.", "loss": True}]},
+            # a Chinese question the base answered in English: the leak to guard against is the Chinese one
+            {"messages": [{"role": "user", "content": "天空为什么是蓝色的？"},
+                          {"role": "assistant", "content": "Because of Rayleigh scattering."}]}]
+    assert guard_pairs(rows, intros) == [
+        {"messages": [SYSTEM, {"role": "user", "content": "Who made ChatGPT?"}, {"role": "assistant", "content": "OpenAI."}],
+         "rejected_response": "I am Keel, an AI assistant developed by Acme. OpenAI."},
+        {"messages": rows[1]["messages"],
+         "rejected_response": "我是小K，由极光开发的人工智能助手。Because of Rayleigh scattering."}]
+
+
 def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path, capsys):
     from keel.data.identity import IdentityArgs
     from keel.model import ModelArgs, load_model
@@ -143,8 +162,16 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
     pairs, manifest = identity_pairs(args, pargs, model, tok)
     assert manifest["kinds"] == {"basic": 4, "system_mix": 2, "multi_turn": 2, "reversal": 1, "pressure": 1}
-    assert len(pairs) + sum(v for k, v in manifest["dropped"].items() if not k.startswith("kind")) == 10
-    assert manifest["dropped"]["kind contrast"] == 2 and manifest["dropped"]["kind rename"] == 1
+    assert manifest["identity_pairs"] + sum(manifest["dropped"].values()) == 10
+    assert manifest["guard_pairs"] == 2 + 1 and len(pairs) == manifest["identity_pairs"] + 3  # contrast + rename rows
+    assert all(p["rejected_response"].startswith(manifest["intros"]["en"]) for p in pairs[-3:])
+    # --guard false: contrast and rename rows are dropped, as before guards existed
+    unguarded, m2 = identity_pairs(args, IdentityPairsArgs(pairs=True, max_new_tokens=8, guard=False), model, tok)
+    assert unguarded == pairs[:-3] and m2["dropped"]["kind contrast"] == 2 and m2["dropped"]["kind rename"] == 1
+    # --ballast 3: the base model's own answers to 3 ordinary prompts become guard pairs too
+    with_ballast, m3 = identity_pairs(args, IdentityPairsArgs(pairs=True, max_new_tokens=8, ballast=3), model, tok)
+    assert with_ballast[:len(pairs)] == pairs and m3["guard_ballast"] == 3
+    assert len(with_ballast) == len(pairs) + m3["guard_pairs"] - 3 and 0 < m3["guard_pairs"] - 3 <= 3
     kind, _ = load_preferences(write(tmp_path / "p.jsonl", pairs))  # what keel rlhf reads
     assert kind == "pair"
     # a second run answers from the cache: the model is never called
@@ -156,5 +183,5 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
     code, stdout, err = run_keel(capsys, "data", "identity", "--pairs", "true", "--model", tiny_model_dir, "--name", "Keel",
                                  "--author", "Acme", "--lang", "en", "--max_new_tokens", "8", "-o", out)
     assert code == 0, err
-    assert "identity pairs" in stdout and load_preferences(out)[0] == "pair"
+    assert re.search(r"wrote \d+ pairs to .* \(\d+ identity, \d+ guard\)", stdout) and load_preferences(out)[0] == "pair"
     assert (tmp_path / "cli_pairs.manifest.json").is_file()

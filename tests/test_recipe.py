@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from keel.recipe import CPU_IDENTITY
 from tests.helpers import run_keel
 
 
@@ -32,11 +33,20 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     (sft_ckpt,) = final["adapters"]
     assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
     assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
-    assert f"stage 2:    dpo on {len(pairs)} identity pairs" in out and "keel infer --adapters" in out
+    # guard pairs: the contrast, rename and the SFT run's 4 ballast rows, rejected = the same answer after the intro
+    guards = [p for p in pairs if p["rejected_response"].endswith(p["messages"][-1]["content"])
+              and p["rejected_response"] != p["messages"][-1]["content"]]
+    assert stage2["guard_pairs"] == len(guards) and stage2["identity_pairs"] == len(pairs) - len(guards)
+    ballast = [json.loads(line)["messages"] for line in next((tmp_path / "output").glob("v0-*/ballast-4.jsonl")).open()]
+    assert len(guards) == 2 * (CPU_IDENTITY["contrast_rows"] + CPU_IDENTITY["rename_rows"]) + len(ballast)  # zh + en
+    assert all(g in [p["messages"] for p in guards] for g in ballast)
+    assert f"stage 2:    dpo on {stage2['identity_pairs']} identity + {len(guards)} guard pairs" in out
+    assert "keel infer --adapters" in out
 
 
 def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    # A base model that already names the new identity everywhere: every pair is dropped (nothing to prefer).
+    # A base model that already names the new identity everywhere: every identity pair is dropped (nothing to
+    # prefer), and guard pairs alone are not trained (they would only teach the model not to say its name).
     monkeypatch.setattr("keel.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
         json.dumps(p, ensure_ascii=False): "I am Keel, made by Acme." for p in prompts})
     code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo")
@@ -46,7 +56,7 @@ def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path,
     assert "keeping the SFT checkpoint" in skipped[0]
     assert not (tmp_path / "identity_pairs.jsonl").exists()
     meta = json.loads((tmp_path / "report" / "eval_report.json").read_text())["meta"]
-    assert meta["stage2"]["pairs"] == 0 and meta["stage2"]["checkpoint"] is None
+    assert meta["stage2"]["identity_pairs"] == 0 and meta["stage2"]["checkpoint"] is None
     assert "rlhf_type" not in run_args(meta["checkpoint"])  # the SFT run's checkpoint is the one evaluated
     assert len(list((tmp_path / "output").iterdir())) == 1  # no rlhf run folder
 
