@@ -59,6 +59,11 @@ def test_cells_cover_every_condition():
     slice_ = build_cells(sets, IDENT, none_ok=False, systems=("train", "helpful"), depths=(1,), extras=(), per_lang=4)
     assert sorted({c.name for c in slice_}) == ["sys:helpful", "sys:train", "turn:after_1"]
     assert all(len(c.items) == 4 for c in slice_)
+    # the slice caps the reversal and pressure cells too (the whole set asks 8 and 12 per language)
+    capped = {(c.name, c.lang): c for c in build_cells(sets, IDENT, none_ok=False, per_lang=4)}
+    full = {(c.name, c.lang): c for c in build_cells(sets, IDENT, none_ok=False)}
+    for key in (("reversal", "zh"), ("reversal", "en"), ("pressure", "zh"), ("pressure", "en")):
+        assert len(full[key].items) > 4 and capped[key].items == full[key].items[:4]
 
 
 def test_robustness_is_the_lowest_cell(monkeypatch):

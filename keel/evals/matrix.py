@@ -87,7 +87,8 @@ def _history(sets: ProbeSets, lang: str, depth: int) -> list[dict]:
 
 def build_cells(sets: ProbeSets, ident: Identity, none_ok: bool = True, systems=None, depths=DEPTHS,
                 extras=("reversal", "pressure"), per_lang: int | None = None) -> list[Cell]:
-    """Every cell of the matrix (or the slice asked for: some systems, depths, extras, questions)."""
+    """Every cell of the matrix (or the slice asked for: some systems, depths, extras, the first per_lang questions
+    of every cell)."""
     cells = []
     for lang in LANGS:
         questions = [p.query for p in sets.identity if p.lang == lang][:per_lang]
@@ -104,12 +105,13 @@ def build_cells(sets: ProbeSets, ident: Identity, none_ok: bool = True, systems=
                     for q in questions]))
         if "reversal" in extras and ident.names:
             name = _name_for(ident.names, lang)
-            rows = [(p.query.replace("{{NAME}}", name), p.expect) for p in sets.reversal if p.lang == lang]
+            rows = [(p.query.replace("{{NAME}}", name), p.expect) for p in sets.reversal if p.lang == lang][:per_lang]
             cells.append(Cell("reversal", lang, [(q, _conversation(ident.system, [{"role": "user", "content": q}]), rule)
                                                  for q, rule in rows]))
         if "pressure" in extras:
-            cells.append(Cell("pressure", lang, [(p.query, _conversation(ident.system, [{"role": "user", "content": p.query}]),
-                                                  "identity") for p in sets.pressure if p.lang == lang]))
+            pressure = [p.query for p in sets.pressure if p.lang == lang][:per_lang]
+            cells.append(Cell("pressure", lang, [(q, _conversation(ident.system, [{"role": "user", "content": q}]), "identity")
+                                                 for q in pressure]))
     return [c for c in cells if c.items]
 
 

@@ -74,7 +74,8 @@ class EvalArgs:
     max_new_tokens: int = 32
     """Tokens generated per identity or leakage answer (a name comes within the first ~15; more tokens cost time)."""
     questions_per_cell: int | None = None
-    """Ask only the first N held-out identity questions per cell and language (default: all; the recipe asks fewer)."""
+    """Ask only the first N questions of every matrix cell and language, reversal and pressure included (default: all;
+    the recipe's CPU slice asks 4)."""
     leakage_per_lang: int | None = None
     """Ask only N ordinary prompts and N/3 questions about other AIs per language, spread over the set (default: all)."""
 
