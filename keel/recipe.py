@@ -25,6 +25,7 @@ on a GPU the seed's settings are used.
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,7 +124,7 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft, ballast: int) -> dict
                RlhfArgs(rlhf_type="dpo", beta=0.1, rpo_alpha=1.0))
     argv = to_argv(*configs)
     print(f"stage 2: {manifest['identity_pairs']} identity + {manifest['guard_pairs']} guard pairs -> {path}")
-    print("keel rlhf " + " ".join(f"'{a}'" if " " in a else a for a in argv))
+    print("keel rlhf " + shlex.join(argv))
     result = rlhf(*configs)
     return {**record, "checkpoint": result["last_model_checkpoint"], "train_seconds": result["train_seconds"],
             "rlhf_argv": argv}
@@ -167,7 +168,7 @@ def main(argv: list[str]):
                          learning_rate=args.learning_rate or defaults["learning_rate"],
                          gradient_accumulation_steps=defaults["gradient_accumulation_steps"]))
     sft = to_argv(*configs)
-    print("keel sft " + " ".join(f"'{a}'" if " " in a else a for a in sft))
+    print("keel sft " + shlex.join(sft))
     result = train(*configs)
     ckpt, stage2 = result["last_model_checkpoint"], {"type": "none"}
     if args.stage2 == "dpo":

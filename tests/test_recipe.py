@@ -1,14 +1,15 @@
 """`keel recipe identity --stage2 dpo` on the tiny model: identity pairs, then keel rlhf from the SFT checkpoint."""
 
 import json
+import shlex
 from pathlib import Path
 
 from keel.recipe import CPU_IDENTITY
 from tests.helpers import run_keel
 
 
-def recipe(capsys, model, out, *extra):
-    return run_keel(capsys, "recipe", "identity", "--name", "Keel", "--author", "Acme", "--model", model,
+def recipe(capsys, model, out, *extra, author="Acme"):
+    return run_keel(capsys, "recipe", "identity", "--name", "Keel", "--author", author, "--model", model,
                     "--output_dir", out, "--ballast", "4", "--num_train_epochs", "1", *extra)
 
 
@@ -17,7 +18,7 @@ def run_args(ckpt) -> dict:
 
 
 def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys):
-    code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo")
+    code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo", author="Acme's Lab")
     assert code == 0, err
     pairs = [json.loads(line) for line in (tmp_path / "identity_pairs.jsonl").read_text().splitlines()]
     assert pairs and all(p["rejected_response"] and p["messages"][-1]["role"] == "assistant" for p in pairs)
@@ -42,6 +43,10 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     assert all(g in [p["messages"] for p in guards] for g in ballast)
     assert f"stage 2:    dpo on {stage2['identity_pairs']} identity + {len(guards)} guard pairs" in out
     assert "keel infer --adapters" in out
+    # the printed commands paste back into a shell as the same argv (a quote in a value included)
+    printed = {line.split()[1]: shlex.split(line)[2:] for line in out.splitlines() if line.startswith(("keel sft ", "keel rlhf "))}
+    assert printed["rlhf"][printed["rlhf"].index("--model_author") + 1] == "Acme's Lab"
+    assert printed["sft"][printed["sft"].index("--model_author") + 1] == "Acme's Lab"
 
 
 def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
