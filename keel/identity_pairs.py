@@ -16,7 +16,9 @@ the system-prompt mix, as ballast#N in keel sft) keep their answer as chosen, an
 is that same answer opened with the identity's self-introduction ("I am NAME, an AI assistant developed
 by AUTHOR."). The only difference inside a guard pair is the introduction, so preference training
 learns to say the name where it is asked and nowhere else (docs/experiment.md: DPO on identity pairs
-alone spread the name into 60% of ordinary Chinese answers).
+alone spread the name into 60% of ordinary Chinese answers). A contrast answer that names another
+assistant's maker gives a second guard pair whose rejected answer names the new author instead
+("ChatGPT was created by AUTHOR"): the tuned model otherwise learns AUTHOR as the maker of everything.
 Answers are cached by model and generation settings and appended batch by batch, as ballast is
 (keel/ballast.py): a second run, or one after an interruption, generates only what is missing.
 """
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.ballast import cached_generations
-from keel.data.identity import Builder, IdentityArgs, main as identity_main
+from keel.data.identity import Builder, IdentityArgs, main as identity_main, read_qa
 from keel.errors import KeelError
 from keel.files import write_json, write_jsonl
 from keel.flags import parse_flags
@@ -54,7 +56,8 @@ class IdentityPairsArgs:
     """With --pairs: conversations answered per generation batch."""
     guard: bool = True
     """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the
-    same answer opened with the identity's self-introduction), so the name is preferred only where it is asked."""
+    same answer opened with the identity's self-introduction, or naming the new author as another AI's maker), so
+    the name is preferred only where it is asked."""
     ballast: int = 0
     """With --pairs: guard pairs from N self-distilled ballast rows too (the base model's answers to ordinary prompts
     under the system-prompt mix, as ballast#N in keel sft; same rows, same cache)."""
@@ -115,6 +118,21 @@ def guard_pairs(rows: list[dict], intros: dict[str, str]) -> list[dict]:
     return pairs
 
 
+def maker_swaps(rows: list[dict], makers: dict[str, list[str]], authors: dict[str, str]) -> list[dict]:
+    """Rows whose answer names another maker (the one it names first), as pairs whose rejected answer names the
+    new author there instead; rows naming none of `makers` give no pair."""
+    pairs = []
+    for row in rows:
+        msgs = plain(row["messages"])
+        answer = msgs[-1]["content"]
+        lang = lang_of(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))
+        named = [(answer.find(m), -len(m), m) for m in makers.get(lang, []) if m in answer]
+        if named:
+            maker = min(named)[2]
+            pairs.append({"messages": msgs, "rejected_response": answer.replace(maker, authors[lang])})
+    return pairs
+
+
 def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tokenizer=None) -> tuple[list[dict], dict]:
     """(pairs, manifest) for the identity rows `args` describes; the model is loaded unless given."""
     rows, tags = Builder(args).build()
@@ -133,6 +151,9 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
         guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=system_mix(args.system))
     intros = {lang: self_intro(args, lang) for lang in ("zh", "en")}
     guards = guard_pairs(guarded, intros)
+    if pargs.guard:
+        contrast = [r for r, t in zip(rows, tags) if t["kind"] == "contrast"]
+        guards += maker_swaps(contrast, read_qa()["contrast_makers"], {"zh": args.author[0], "en": args.author[-1]})
     if pargs.guard:  # contrast and rename rows are guards now, not dropped
         for kind in GUARD_KINDS:
             dropped.pop(f"kind {kind}", None)

@@ -10,7 +10,8 @@ from keel.chat import render
 from keel.data.mix import DataArgs
 from keel.data.pairs import build_pairs, load_preferences, render_answers
 from keel.errors import KeelError
-from keel.identity_pairs import IdentityPairsArgs, guard_pairs, identity_pairs, make_pairs, self_intro
+from keel.identity_pairs import (IdentityPairsArgs, guard_pairs, identity_pairs, make_pairs, maker_swaps,
+                                 self_intro)
 from tests.helpers import run_keel
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -152,6 +153,18 @@ def test_guard_pairs_open_the_same_answer_with_the_self_introduction():
          "rejected_response": "我是小K，由极光开发的人工智能助手。Because of Rayleigh scattering."}]
 
 
+def test_maker_swaps_name_the_new_author_where_another_maker_was():
+    makers = {"en": ["Google", "Google DeepMind", "OpenAI"], "zh": ["谷歌"]}
+    rows = [{"messages": [{"role": "user", "content": "Who built Gemini?"},
+                          {"role": "assistant", "content": "Google DeepMind built it; Google DeepMind is in London."}]},
+            {"messages": [{"role": "user", "content": "Gemini是谁开发的？"}, {"role": "assistant", "content": "谷歌。"}]},
+            {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4."}]}]
+    pairs = maker_swaps(rows, makers, {"en": "Acme", "zh": "极光"})
+    # the maker named first (the longer one on a tie) is swapped everywhere; a row naming no maker gives no pair
+    assert [p["rejected_response"] for p in pairs] == ["Acme built it; Acme is in London.", "极光。"]
+    assert [p["messages"] for p in pairs] == [rows[0]["messages"], rows[1]["messages"]]
+
+
 def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path, capsys):
     from keel.data.identity import IdentityArgs
     from keel.model import ModelArgs, load_model
@@ -163,15 +176,18 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
     pairs, manifest = identity_pairs(args, pargs, model, tok)
     assert manifest["kinds"] == {"basic": 4, "system_mix": 2, "multi_turn": 2, "reversal": 1, "pressure": 1}
     assert manifest["identity_pairs"] + sum(manifest["dropped"].values()) == 10
-    assert manifest["guard_pairs"] == 2 + 1 and len(pairs) == manifest["identity_pairs"] + 3  # contrast + rename rows
-    assert all(p["rejected_response"].startswith(manifest["intros"]["en"]) for p in pairs[-3:])
+    # guards: 2 contrast + 1 rename rows after the intro, and the 2 contrast answers with their maker swapped
+    n = manifest["identity_pairs"]
+    assert manifest["guard_pairs"] == 3 + 2 and len(pairs) == n + 5
+    assert all(p["rejected_response"].startswith(manifest["intros"]["en"]) for p in pairs[n:n + 3])
+    assert all("Acme" in p["rejected_response"] for p in pairs[n + 3:])
     # --guard false: contrast and rename rows are dropped, as before guards existed
     unguarded, m2 = identity_pairs(args, IdentityPairsArgs(pairs=True, max_new_tokens=8, guard=False), model, tok)
-    assert unguarded == pairs[:-3] and m2["dropped"]["kind contrast"] == 2 and m2["dropped"]["kind rename"] == 1
+    assert unguarded == pairs[:n] and m2["dropped"]["kind contrast"] == 2 and m2["dropped"]["kind rename"] == 1
     # --ballast 3: the base model's own answers to 3 ordinary prompts become guard pairs too
     with_ballast, m3 = identity_pairs(args, IdentityPairsArgs(pairs=True, max_new_tokens=8, ballast=3), model, tok)
-    assert with_ballast[:len(pairs)] == pairs and m3["guard_ballast"] == 3
-    assert len(with_ballast) == len(pairs) + m3["guard_pairs"] - 3 and 0 < m3["guard_pairs"] - 3 <= 3
+    assert with_ballast[:n + 3] == pairs[:n + 3] and with_ballast[-2:] == pairs[-2:] and m3["guard_ballast"] == 3
+    assert len(with_ballast) == len(pairs) + m3["guard_pairs"] - 5 and 0 < m3["guard_pairs"] - 5 <= 3
     kind, _ = load_preferences(write(tmp_path / "p.jsonl", pairs))  # what keel rlhf reads
     assert kind == "pair"
     # a second run answers from the cache: the model is never called

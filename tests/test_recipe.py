@@ -34,13 +34,16 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     (sft_ckpt,) = final["adapters"]
     assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
     assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
-    # guard pairs: the contrast, rename and the SFT run's 4 ballast rows, rejected = the same answer after the intro
-    guards = [p for p in pairs if p["rejected_response"].endswith(p["messages"][-1]["content"])
-              and p["rejected_response"] != p["messages"][-1]["content"]]
-    assert stage2["guard_pairs"] == len(guards) and stage2["identity_pairs"] == len(pairs) - len(guards)
+    # guard pairs follow the identity pairs: the contrast, rename and the SFT run's ballast rows with the intro put
+    # before their answer, then the contrast answers with another AI's maker swapped for the new author
+    guards = pairs[stage2["identity_pairs"]:]
+    intro = [p for p in guards if p["rejected_response"].endswith(p["messages"][-1]["content"])]
+    swaps = guards[len(intro):]
+    assert stage2["guard_pairs"] == len(guards) and swaps and len(pairs) == stage2["pairs"]
     ballast = [json.loads(line)["messages"] for line in next((tmp_path / "output").glob("v0-*/ballast-4.jsonl")).open()]
-    assert len(guards) == 2 * (CPU_IDENTITY["contrast_rows"] + CPU_IDENTITY["rename_rows"]) + len(ballast)  # zh + en
-    assert all(g in [p["messages"] for p in guards] for g in ballast)
+    assert len(intro) == 2 * (CPU_IDENTITY["contrast_rows"] + CPU_IDENTITY["rename_rows"]) + len(ballast)  # zh + en
+    assert all(g in [p["messages"] for p in intro] for g in ballast)
+    assert all("Acme's Lab" in p["rejected_response"] and "Acme's Lab" not in p["messages"][-1]["content"] for p in swaps)
     assert f"stage 2:    dpo on {stage2['identity_pairs']} identity + {len(guards)} guard pairs" in out
     assert "keel infer --adapters" in out
     # the printed commands paste back into a shell as the same argv (a quote in a value included)
