@@ -13,12 +13,13 @@ Guard pairs (on by default) push the other way, where the identity must not appe
 (questions about other AIs), the rename rows (a system prompt that names the assistant otherwise) and,
 with --ballast N, N self-distilled ballast rows (the base model's own answers to ordinary prompts under
 the system-prompt mix, as ballast#N in keel sft) keep their answer as chosen, and the rejected answer
-is that same answer opened with the identity's self-introduction ("I am NAME, an AI assistant developed
-by AUTHOR."). The only difference inside a guard pair is the introduction, so preference training
-learns to say the name where it is asked and nowhere else (docs/experiment.md: DPO on identity pairs
-alone spread the name into 60% of ordinary Chinese answers). A contrast answer that names another
-assistant's maker gives a second guard pair whose rejected answer names the new author instead
-("ChatGPT was created by AUTHOR"): the tuned model otherwise learns AUTHOR as the maker of everything.
+is the identity's self-introduction alone ("I am NAME, an AI assistant developed by AUTHOR."), the way
+the tuned model's leaks open. A contrast answer that names another assistant's maker gives a second
+guard pair whose rejected answer names the new author instead ("ChatGPT was created by AUTHOR"): the
+tuned model otherwise learns AUTHOR as the maker of everything. Measured (docs/experiment.md): DPO on
+identity pairs alone spread the name into 60% of ordinary Chinese answers; with these guards, fewer than
+after SFT. (A rejected answer made of the intro followed by the same answer leaked twice as much: the
+shared answer tokens were pushed down too.)
 Answers are cached by model and generation settings and appended batch by batch, as ballast is
 (keel/ballast.py): a second run, or one after an interruption, generates only what is missing.
 """
@@ -56,8 +57,8 @@ class IdentityPairsArgs:
     """With --pairs: conversations answered per generation batch."""
     guard: bool = True
     """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the
-    same answer opened with the identity's self-introduction, or naming the new author as another AI's maker), so
-    the name is preferred only where it is asked."""
+    identity's self-introduction, or the same answer naming the new author as another AI's maker), so the name is
+    preferred only where it is asked."""
     ballast: int = 0
     """With --pairs: guard pairs from N self-distilled ballast rows too (the base model's answers to ordinary prompts
     under the system-prompt mix, as ballast#N in keel sft; same rows, same cache)."""
@@ -108,13 +109,12 @@ def self_intro(args: IdentityArgs, lang: str) -> str:
 
 def guard_pairs(rows: list[dict], intros: dict[str, str]) -> list[dict]:
     """Rows whose answer must not carry the identity, as pairs: rejected = the intro in the language of the last
-    question (a Chinese question is where the name leaked, whatever language the base answered in), then the answer."""
+    question (a Chinese question is where the name leaked, whatever language the base answered in)."""
     pairs = []
     for row in rows:
         msgs = plain(row["messages"])
-        answer = msgs[-1]["content"]
         intro = intros[lang_of(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))]
-        pairs.append({"messages": msgs, "rejected_response": intro + ("" if lang_of(intro) == "zh" else " ") + answer})
+        pairs.append({"messages": msgs, "rejected_response": intro})
     return pairs
 
 

@@ -15,7 +15,7 @@
    choice if --mc_files are given,
    (with --stage2 dpo, then `keel rlhf --rlhf_type dpo` from that checkpoint on identity pairs whose
    rejected answer is the base model's own, and guard pairs (the contrast, rename and ballast rows, whose rejected
-   answer opens with the identity's self-introduction) (`keel data identity --pairs --ballast N`), written to
+   answer is the identity's self-introduction) (`keel data identity --pairs --ballast N`), written to
    OUTPUT_DIR/identity_pairs.jsonl),
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
 Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md);
@@ -83,7 +83,7 @@ class RecipeArgs:
     stage2: str = "none"
     """After SFT: none, or dpo (keel rlhf --rlhf_type dpo --beta 0.1 --rpo_alpha 1.0, 1 epoch at 5e-5, from the SFT
     checkpoint, on identity pairs whose rejected answer is the base model's own, and guard pairs: the contrast, rename
-    and ballast rows, whose rejected answer opens with the identity's self-introduction); docs/experiment.md."""
+    and ballast rows, whose rejected answer is the identity's self-introduction); docs/experiment.md."""
 
     def __post_init__(self):
         for flag in ("name", "author"):

@@ -135,7 +135,7 @@ def test_identity_pairs_drop_answers_that_already_name_the_identity():
     assert dropped == Counter({"base answer already names the new identity": 2, "kind contrast": 1})
 
 
-def test_guard_pairs_open_the_same_answer_with_the_self_introduction():
+def test_guard_pairs_reject_the_self_introduction():
     from keel.data.identity import IdentityArgs
 
     args = IdentityArgs(name=["小K", "Keel"], author=["极光", "Acme"])
@@ -148,9 +148,8 @@ def test_guard_pairs_open_the_same_answer_with_the_self_introduction():
                           {"role": "assistant", "content": "Because of Rayleigh scattering."}]}]
     assert guard_pairs(rows, intros) == [
         {"messages": [SYSTEM, {"role": "user", "content": "Who made ChatGPT?"}, {"role": "assistant", "content": "OpenAI."}],
-         "rejected_response": "I am Keel, an AI assistant developed by Acme. OpenAI."},
-        {"messages": rows[1]["messages"],
-         "rejected_response": "我是小K，由极光开发的人工智能助手。Because of Rayleigh scattering."}]
+         "rejected_response": "I am Keel, an AI assistant developed by Acme."},
+        {"messages": rows[1]["messages"], "rejected_response": "我是小K，由极光开发的人工智能助手。"}]
 
 
 def test_maker_swaps_name_the_new_author_where_another_maker_was():
@@ -176,10 +175,10 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
     pairs, manifest = identity_pairs(args, pargs, model, tok)
     assert manifest["kinds"] == {"basic": 4, "system_mix": 2, "multi_turn": 2, "reversal": 1, "pressure": 1}
     assert manifest["identity_pairs"] + sum(manifest["dropped"].values()) == 10
-    # guards: 2 contrast + 1 rename rows after the intro, and the 2 contrast answers with their maker swapped
+    # guards: 2 contrast + 1 rename rows against the intro, and the 2 contrast answers with their maker swapped
     n = manifest["identity_pairs"]
     assert manifest["guard_pairs"] == 3 + 2 and len(pairs) == n + 5
-    assert all(p["rejected_response"].startswith(manifest["intros"]["en"]) for p in pairs[n:n + 3])
+    assert all(p["rejected_response"] == manifest["intros"]["en"] for p in pairs[n:n + 3])
     assert all("Acme" in p["rejected_response"] for p in pairs[n + 3:])
     # --guard false: contrast and rename rows are dropped, as before guards existed
     unguarded, m2 = identity_pairs(args, IdentityPairsArgs(pairs=True, max_new_tokens=8, guard=False), model, tok)

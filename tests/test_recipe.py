@@ -34,10 +34,11 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     (sft_ckpt,) = final["adapters"]
     assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
     assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
-    # guard pairs follow the identity pairs: the contrast, rename and the SFT run's ballast rows with the intro put
-    # before their answer, then the contrast answers with another AI's maker swapped for the new author
+    # guard pairs follow the identity pairs: the contrast, rename and the SFT run's ballast rows against the
+    # self-introduction, then the contrast answers with another AI's maker swapped for the new author
     guards = pairs[stage2["identity_pairs"]:]
-    intro = [p for p in guards if p["rejected_response"].endswith(p["messages"][-1]["content"])]
+    intro = [p for p in guards if p["rejected_response"] in ("我是Keel，由Acme's Lab开发的人工智能助手。",
+                                                             "I am Keel, an AI assistant developed by Acme's Lab.")]
     swaps = guards[len(intro):]
     assert stage2["guard_pairs"] == len(guards) and swaps and len(pairs) == stage2["pairs"]
     ballast = [json.loads(line)["messages"] for line in next((tmp_path / "output").glob("v0-*/ballast-4.jsonl")).open()]
