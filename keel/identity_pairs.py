@@ -35,9 +35,9 @@ from pathlib import Path
 from keel.ballast import cached_generations
 from keel.data.identity import Builder, IdentityArgs, main as identity_main, read_qa
 from keel.errors import KeelError
+from keel.evals.sets import lang_of
 from keel.files import write_json, write_jsonl
 from keel.flags import parse_flags
-from keel.evals.sets import lang_of
 from keel.text import mentions
 
 PAIR_KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure")
@@ -154,8 +154,7 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     if pargs.guard:
         contrast = [r for r, t in zip(rows, tags) if t["kind"] == "contrast"]
         guards += maker_swaps(contrast, read_qa()["contrast_makers"], {"zh": args.author[0], "en": args.author[-1]})
-    if pargs.guard:  # contrast and rename rows are guards now, not dropped
-        for kind in GUARD_KINDS:
+        for kind in GUARD_KINDS:  # contrast and rename rows are guards now, not dropped
             dropped.pop(f"kind {kind}", None)
     manifest = {"pairs": len(pairs) + len(guards), "identity_pairs": len(pairs), "guard_pairs": len(guards),
                 "identity_rows": len(rows), "dropped": dict(dropped), "name": args.name, "author": args.author,
@@ -184,7 +183,7 @@ def main(argv: list[str]):
     if not out.parent.is_dir():
         raise KeelError(f"-o {out}: folder {out.parent} does not exist")
     pairs, manifest = identity_pairs(args, pargs)
-    if not pairs:
+    if not manifest["identity_pairs"]:  # guard pairs alone would only teach the model not to say its name
         raise KeelError("no identity pairs: every base answer was dropped (" +
                         ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items()) + "); nothing written")
     (write_jsonl if out.suffix.lower() == ".jsonl" else write_json)(out, pairs)
