@@ -142,6 +142,7 @@ def main():
     keel_arms = {"keel": a.keel_flags.split()}
     if a.bf16 == "true" or (a.bf16 == "auto" and "bf16" in peak):  # the baseline stays fp32: Trainer's CPU default
         keel_arms["keel_bf16"] = a.keel_flags.split() + ["--cpu_autocast_bf16", "true"]
+    suffix = {tool: tool[len("keel"):] for tool in keel_arms}  # the ratio keys: speedup_tokens_per_s, ..._bf16
     results = {"machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "load_avg_1m_at_start": load,
                            "matmul_peak_gflops": {k: round(v / 1e9, 1) for k, v in peak.items()}},
                "settings": {"batch": a.batch, "accum": a.accum, "keel_flags": a.keel_flags, "quick": a.quick}, "jobs": {}}
@@ -161,9 +162,8 @@ def main():
                              "peak_rss_gb": child["peak_rss_gb"],
                              "pct_of_fp32_peak": round(100 * 4 * N_PARAMS * tps / peak["fp32"], 1)}
             for tool in keel_arms:
-                suffix = "" if tool == "keel" else tool[4:]
-                row["speedup_tokens_per_s" + suffix] = round(row[tool]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
-                row["rss_ratio" + suffix] = round(row[tool]["peak_rss_gb"] / row["baseline"]["peak_rss_gb"], 2)
+                row["speedup_tokens_per_s" + suffix[tool]] = round(row[tool]["tokens_per_s"] / row["baseline"]["tokens_per_s"], 2)
+                row["rss_ratio" + suffix[tool]] = round(row[tool]["peak_rss_gb"] / row["baseline"]["peak_rss_gb"], 2)
             results["jobs"][job] = row
     Path(a.out).write_text(json.dumps(results, indent=2))
     print(f"\ncpu: {results['machine']['cpu']} x {os.cpu_count()}")
@@ -178,9 +178,8 @@ def main():
             print(f"{job:<9} {tool:<9} {r['wall_s']:>7} {r['train_s']:>8} {row['tokens']:>8} {row['label_tokens']:>7} "
                   f"{r['tokens_per_s']:>7} {r['peak_rss_gb']:>8}G {r['pct_of_fp32_peak']:>6}%")
         for tool in keel_arms:
-            suffix = "" if tool == "keel" else tool[4:]
-            print(f"{job:<9} {tool + '/b':<9} {'':>7} {'':>8} {'':>8} {'':>7} {row['speedup_tokens_per_s' + suffix]:>6}x "
-                  f"{row['rss_ratio' + suffix]:>8}x")
+            print(f"{job:<9} {tool + '/b':<9} {'':>7} {'':>8} {'':>8} {'':>7} {row['speedup_tokens_per_s' + suffix[tool]]:>6}x "
+                  f"{row['rss_ratio' + suffix[tool]]:>8}x")
     print(f"results: {a.out}")
 
 

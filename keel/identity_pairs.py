@@ -100,22 +100,21 @@ def make_pairs(rows: list[dict], tags: list[dict], answers: dict, new_identity: 
     return pairs, dropped
 
 
-def self_intro(args: IdentityArgs, lang: str) -> str:
+def self_intro(builder: Builder, lang: str) -> str:
     """The first sentence of the identity's first basic answer in `lang`: how a leaking answer opens."""
-    builder = Builder(args)
     answer = builder.fill([{"role": "assistant", "content": builder.core(lang)[0][1]}], lang)[0]["content"]
     return SENTENCE_END.split(answer, maxsplit=1)[0].strip()
 
 
+def asked_lang(messages: list[dict]) -> str:
+    """The language of the last question: a Chinese question is where the name leaks, whatever the answer's language."""
+    return lang_of(next(m["content"] for m in reversed(messages) if m["role"] == "user"))
+
+
 def guard_pairs(rows: list[dict], intros: dict[str, str]) -> list[dict]:
-    """Rows whose answer must not carry the identity, as pairs: rejected = the intro in the language of the last
-    question (a Chinese question is where the name leaked, whatever language the base answered in)."""
-    pairs = []
-    for row in rows:
-        msgs = plain(row["messages"])
-        intro = intros[lang_of(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))]
-        pairs.append({"messages": msgs, "rejected_response": intro})
-    return pairs
+    """Rows whose answer must not carry the identity, as pairs: rejected = the intro in the language asked."""
+    return [{"messages": plain(row["messages"]), "rejected_response": intros[asked_lang(row["messages"])]}
+            for row in rows]
 
 
 def maker_swaps(rows: list[dict], makers: dict[str, list[str]], authors: dict[str, str]) -> list[dict]:
@@ -124,8 +123,7 @@ def maker_swaps(rows: list[dict], makers: dict[str, list[str]], authors: dict[st
     pairs = []
     for row in rows:
         msgs = plain(row["messages"])
-        answer = msgs[-1]["content"]
-        lang = lang_of(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))
+        answer, lang = msgs[-1]["content"], asked_lang(msgs)
         named = [(answer.find(m), -len(m), m) for m in makers.get(lang, []) if m in answer]
         if named:
             maker = min(named)[2]
@@ -134,8 +132,10 @@ def maker_swaps(rows: list[dict], makers: dict[str, list[str]], authors: dict[st
 
 
 def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tokenizer=None) -> tuple[list[dict], dict]:
-    """(pairs, manifest) for the identity rows `args` describes; the model is loaded unless given."""
-    rows, tags = Builder(args).build()
+    """(pairs, manifest) for the identity rows `args` describes; the model is loaded unless given. No pairs at all
+    when no identity pair survives: guard pairs alone would only teach the model not to say its name."""
+    builder = Builder(args)
+    rows, tags = builder.build()
     keep = [(r, t) for r, t in zip(rows, tags) if t["kind"] in PAIR_KINDS]
     if model is None:
         from keel.model import ModelArgs, load_model
@@ -144,14 +144,15 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     answers = base_answers(model, tokenizer, [plain(r["messages"][:-1]) for r, _ in keep], pargs.max_new_tokens,
                            pargs.batch_size)
     pairs, dropped = make_pairs(rows, tags, answers, args.name + args.author)
-    guarded = [r for r, t in zip(rows, tags) if t["kind"] in GUARD_KINDS] if pargs.guard else []
-    if pargs.ballast:
+    guard = pargs.guard and bool(pairs)
+    guarded = [r for r, t in zip(rows, tags) if t["kind"] in GUARD_KINDS] if guard else []
+    if pargs.ballast and pairs:
         from keel.ballast import ballast_records, system_mix
 
         guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=system_mix(args.system))
-    intros = {lang: self_intro(args, lang) for lang in ("zh", "en")}
+    intros = {lang: self_intro(builder, lang) for lang in ("zh", "en")}
     guards = guard_pairs(guarded, intros)
-    if pargs.guard:
+    if guard:
         contrast = [r for r, t in zip(rows, tags) if t["kind"] == "contrast"]
         guards += maker_swaps(contrast, read_qa()["contrast_makers"], {"zh": args.author[0], "en": args.author[-1]})
         for kind in GUARD_KINDS:  # contrast and rename rows are guards now, not dropped
@@ -183,7 +184,7 @@ def main(argv: list[str]):
     if not out.parent.is_dir():
         raise KeelError(f"-o {out}: folder {out.parent} does not exist")
     pairs, manifest = identity_pairs(args, pargs)
-    if not manifest["identity_pairs"]:  # guard pairs alone would only teach the model not to say its name
+    if not pairs:
         raise KeelError("no identity pairs: every base answer was dropped (" +
                         ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items()) + "); nothing written")
     (write_jsonl if out.suffix.lower() == ".jsonl" else write_json)(out, pairs)

@@ -110,7 +110,7 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft, ballast: int) -> dict
     record = {"type": "dpo", "pairs": len(pairs), "identity_pairs": manifest["identity_pairs"],
               "guard_pairs": manifest["guard_pairs"], "dropped": manifest["dropped"], "checkpoint": None,
               "train_seconds": 0.0}
-    if not manifest["identity_pairs"]:  # guard pairs alone would only teach the model not to say its name
+    if not pairs:  # no identity pair survived (and then no guard pairs either)
         print("stage 2 skipped: no identity pairs (" + ", ".join(f"{k}: {v}" for k, v in manifest["dropped"].items())
               + "); keeping the SFT checkpoint")
         return record

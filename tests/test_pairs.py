@@ -136,10 +136,10 @@ def test_identity_pairs_drop_answers_that_already_name_the_identity():
 
 
 def test_guard_pairs_reject_the_self_introduction():
-    from keel.data.identity import IdentityArgs
+    from keel.data.identity import Builder, IdentityArgs
 
     args = IdentityArgs(name=["小K", "Keel"], author=["极光", "Acme"])
-    intros = {lang: self_intro(args, lang) for lang in ("zh", "en")}
+    intros = {lang: self_intro(Builder(args), lang) for lang in ("zh", "en")}
     assert intros == {"zh": "我是小K，由极光开发的人工智能助手。", "en": "I am Keel, an AI assistant developed by Acme."}
     rows = [{"messages": [SYSTEM, {"role": "user", "content": "Who made ChatGPT?"},
                           {"role": "assistant", "content": "OpenAI.", "loss": True}]},
