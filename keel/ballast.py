@@ -21,7 +21,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.chat import with_system
+from keel.chat import default_system, with_system
 from keel.data.formats import user_prompts
 from keel.data.mix import parse_spec
 from keel.errors import KeelError
@@ -66,14 +66,17 @@ def finish(answer: str, truncated: bool) -> str | None:
     return answer[:cut + 1].strip() if cut > len(answer) // 3 else None
 
 
-def system_mix(system: str | None, pool: list[str] | None = None) -> list[str | None]:
-    """The system-prompt conditions the identity rows are trained under (keel/data/identity.py):
+def system_mix(system: str | None, pool: list[str] | None = None,
+               template: str | None = None) -> tuple[list[str | None], list[str]]:
+    """(main conditions, pool): the system prompts the identity rows are trained under (keel/data/identity.py):
     the training one (None: the template's default), none (no system turn: an empty system message), the seeds'
-    'You are a helpful assistant.' and the persona/job pool. Ballast answered under each keeps the
-    base model's general answers whatever system prompt the tuned model is later served with."""
+    'You are a helpful assistant.', the template's own default `template` when --system replaced it, and the
+    persona/job pool. Ballast answered under each keeps the base model's general answers whatever system prompt
+    the tuned model is later served with."""
     from keel.data.identity import HELPFUL, POOL_FILE, read_pool
 
-    return [system, "", HELPFUL, *(pool or read_pool(POOL_FILE))]
+    main = list(dict.fromkeys([system, "", HELPFUL] + ([template] if template and system is not None else [])))
+    return main, pool or read_pool(POOL_FILE)
 
 
 def cached_generations(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
@@ -129,11 +132,11 @@ def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_ne
 
 def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
                     max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False,
-                    systems: list[str | None] | None = None) -> list[dict]:
+                    systems: tuple[list[str | None], list[str]] | None = None) -> list[dict]:
     """n rows {"messages": [system?, user, assistant]} answered greedily by the base model.
 
-    systems: if given, the prompts take these system prompts in turn (the first ones once each,
-    then the rest at random), each answered and trained under its own; else all under `system`.
+    systems: if given, (main, pool) (system_mix): the prompts take the main system prompts in turn and then one
+    drawn from the pool, each answered and trained under its own; else all under `system`.
     """
     builtin = not prompts
     prompts = prompts or builtin_prompts()
@@ -143,8 +146,9 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
     chosen = draw(prompts, n, rng, balance=builtin)  # your own prompts are taken as they come
     if systems:
         # Rotate over the main conditions; the last slot of each round draws from the pool.
-        main, pool = systems[:3], systems[3:] or systems[:1]
-        assigned = [main[i % 4] if i % 4 < len(main) else rng.choice(pool) for i in range(len(chosen))]
+        main, pool = systems[0], systems[1] or systems[0][:1]
+        rnd = len(main) + 1
+        assigned = [main[i % rnd] if i % rnd < len(main) else rng.choice(pool) for i in range(len(chosen))]
     else:
         assigned = [system] * len(chosen)
     answers = cached_answers(model, tokenizer, list(zip(assigned, chosen)), max_new_tokens, batch_size)
@@ -176,7 +180,7 @@ class BallastArgs:
     repeat: bool = False
     """When -n exceeds the prompts, repeat rows to reach it (default: use each prompt once)."""
     system_mix: bool = False
-    """Answer each prompt under one of the identity rows' system prompts (--system, none, 'You are a helpful assistant.', the persona pool), written into the rows, as ballast#N in keel sft does."""
+    """Answer each prompt under one of the identity rows' system prompts (--system, none, 'You are a helpful assistant.', the template's default, the persona pool), written into the rows, as ballast#N in keel sft does."""
 
     def __post_init__(self):
         if self.n < 1:
@@ -199,7 +203,7 @@ def write_ballast(args: BallastArgs):
     prompts = user_prompts(args.prompts, "--prompts") if args.prompts else None
     model, tok, _ = load_model(ModelArgs(model=args.model))
     rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
-                           systems=system_mix(args.system) if args.system_mix else None)
+                           systems=system_mix(args.system, template=default_system(tok)) if args.system_mix else None)
     write_jsonl(args.output, rows)
     print(f"wrote {len(rows)} rows to {args.output}")
 
@@ -217,7 +221,8 @@ def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_
         if source != "ballast":
             resolved.append(spec)
             continue
-        records = ballast_records(model, tokenizer, n or 200, system, systems=system_mix(system) if mix else None)
+        mixed = system_mix(system, template=default_system(tokenizer)) if mix else None
+        records = ballast_records(model, tokenizer, n or 200, system, systems=mixed)
         if not records:
             raise KeelError(f"--dataset {spec}: the base model's answers were all unusable; no ballast rows")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,24 @@ def template_text(tokenizer, messages: list[dict], add_generation_prompt: bool =
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def default_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (SmolLM2: "You are a helpful AI
+    assistant named SmolLM, trained by Hugging Face"), or None when it inserts none: the conversation rendered
+    with a sentinel system prompt, and the text that stands in the sentinel's place without one."""
+    user = [{"role": "user", "content": "X"}]
+    try:
+        plain = tokenizer.apply_chat_template(user, tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": SENTINEL}, *user], tokenize=False)
+    except (TemplateError, ValueError):  # no system role
+        return None
+    if marked.count(SENTINEL) != 1:
+        return None
+    before, after = marked.split(SENTINEL)
+    if not (plain.startswith(before) and plain.endswith(after)) or len(plain) <= len(before) + len(after):
+        return None
+    return plain[len(before):len(plain) - len(after)].strip() or None
+
+
 def encode_text(tokenizer, text: str) -> list[int]:
     # The template already holds every special token; adding BOS again would double it.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.chat import template_text
+from keel.chat import default_system
 from keel.errors import KeelError
 from keel.flags import parse_flags
 from keel.model import ModelArgs, load_model
@@ -64,15 +64,6 @@ class ExportArgs:
         self.quant = list(dict.fromkeys(self.quant))
         if not 0 <= self.max_identity_drop <= 1:
             raise KeelError(f"--max_identity_drop must be in [0, 1], got {self.max_identity_drop}")
-
-
-def default_system(tokenizer) -> str | None:
-    """The system prompt the chat template inserts when a conversation has none."""
-    text = template_text(tokenizer, [{"role": "user", "content": "X"}])
-    head = "<|im_start|>system\n"
-    if text.startswith(head):
-        return text[len(head):text.index("<|im_end|>")]
-    return None
 
 
 def template_with_system(tokenizer, system: str | None) -> str:

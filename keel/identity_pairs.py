@@ -148,8 +148,10 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     guarded = [r for r, t in zip(rows, tags) if t["kind"] in GUARD_KINDS] if guard else []
     if pargs.ballast and pairs:
         from keel.ballast import ballast_records, system_mix
+        from keel.chat import default_system
 
-        guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=system_mix(args.system))
+        mixed = system_mix(args.system, template=default_system(tokenizer))  # the SFT run's ballast rows
+        guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=mixed)
     intros = {lang: self_intro(builder, lang) for lang in ("zh", "en")}
     guards = guard_pairs(guarded, intros)
     if guard:

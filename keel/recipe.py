@@ -144,7 +144,8 @@ def main(argv: list[str]):
     from keel.generate import GenerateArgs, generate_batch
     from keel.data.mix import DataArgs
     from keel.lora import LoraArgs
-    from keel.model import ModelArgs, load_model, pick_device_dtype
+    from keel.chat import default_system
+    from keel.model import ModelArgs, load_model, load_tokenizer, pick_device_dtype, resolve_model_path
     from keel.train import TrainArgs, train
 
     start = time.time()
@@ -154,8 +155,10 @@ def main(argv: list[str]):
     out.mkdir(parents=True, exist_ok=True)
     mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files}
     data = out / "self_cognition.json"
-    identity = IdentityArgs(name=args.name, author=args.author, system=args.system, data_seed=args.seed,
-                            **defaults["identity"])
+    # The template's own default system prompt stays one of the training conditions although --system replaces it.
+    template = default_system(load_tokenizer(resolve_model_path(args.model)[0]))
+    identity = IdentityArgs(name=args.name, author=args.author, system=args.system, template_system=template,
+                            data_seed=args.seed, **defaults["identity"])
     write_json(data, build_identity(identity)[0], indent=1)
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]

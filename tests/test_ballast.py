@@ -6,7 +6,8 @@ import pytest
 
 import random
 
-from keel.ballast import ballast_records, builtin_prompts, draw, finish, resolve_ballast
+from keel.ballast import ballast_records, builtin_prompts, draw, finish, resolve_ballast, system_mix
+from keel.data.identity import HELPFUL
 from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
@@ -118,6 +119,13 @@ def test_recipe_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert report["meta"]["stage2"] == {"type": "none"} and not (tmp_path / "identity_pairs.jsonl").exists()
 
 
+def test_system_mix_adds_the_template_default_when_the_training_prompt_replaced_it():
+    main, pool = system_mix(HELPFUL, ["P"], template="You are Old, made by Them.")
+    assert main == [HELPFUL, "", "You are Old, made by Them."] and pool == ["P"]  # helpful once
+    assert system_mix(None, ["P"], template="You are Old, made by Them.")[0] == [None, "", HELPFUL]  # None is the default
+    assert system_mix("Train.", ["P"])[0] == ["Train.", "", HELPFUL]
+
+
 def test_ballast_under_the_system_mix(tiny_model_dir, monkeypatch):
     """Each prompt is answered by the base model under the system prompt it is then trained with."""
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
@@ -128,7 +136,7 @@ def test_ballast_under_the_system_mix(tiny_model_dir, monkeypatch):
         return {(system, p): f"[{system}] answer." for system, p in pairs}
 
     monkeypatch.setattr("keel.ballast.cached_answers", fake_answers)
-    rows = ballast_records(model, tok, 9, "Train.", systems=["Train.", "", "Helpful.", "Pool A", "Pool B"])
+    rows = ballast_records(model, tok, 9, "Train.", systems=(["Train.", "", "Helpful."], ["Pool A", "Pool B"]))
     firsts = [r["messages"][0] for r in rows]
     assert all(m["role"] == "system" for m in firsts)
     assert [m["content"] for m in firsts[:3]] == ["Train.", "", "Helpful."] and firsts[3]["content"] in ("Pool A", "Pool B")

@@ -1,8 +1,11 @@
 """Rendering must equal the tokenizer's own chat template, with only assistant tokens labelled."""
 
+import copy
+
 import pytest
 
-from keel.chat import IGNORE_INDEX, render, with_system
+from keel.chat import IGNORE_INDEX, default_system, render, with_system
+from tests.conftest import TINY_SYSTEM
 
 
 def expected(tok, messages):
@@ -42,6 +45,15 @@ def test_template_default_system_prompt_is_masked(tiny_tokenizer):
     ids, labels = render(tiny_tokenizer, SINGLE)
     assert "named Tiny" in tiny_tokenizer.decode(ids)
     assert "named Tiny" not in tiny_tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+
+
+def test_default_system_is_the_prompt_the_template_inserts(tiny_tokenizer):
+    assert default_system(tiny_tokenizer) == TINY_SYSTEM
+    tok = copy.deepcopy(tiny_tokenizer)
+    # the same ChatML template without a default system turn
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    assert default_system(tok) is None
 
 
 def test_with_system_only_fills_missing_system():

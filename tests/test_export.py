@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.export import default_system
+from keel.chat import default_system
 from keel.model import ModelArgs, load_model
 from tests.helpers import base_argv, run_keel, sft
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from keel.chat import IGNORE_INDEX, render
+from keel.chat import IGNORE_INDEX, default_system, render, with_system
 from keel.data.formats import load_records
 from keel.data.identity import (HELPFUL, KINDS, POOL_FILE, Builder, IdentityArgs, build_identity, identity_rows,
                                 read_pool, read_qa)
@@ -96,6 +96,23 @@ def test_none_is_no_system_turn_and_template_is_the_default(tmp_path, tiny_token
             assert record["messages"][0]["role"] == "user" and "named Tiny" in text
 
 
+def test_template_slot_keeps_the_template_default_under_another_training_prompt(tmp_path, tiny_tokenizer):
+    """With --template_system (the recipe reads it from the tokenizer), template rows carry the template's default
+    prompt itself, so keel sft --system replacing the default does not take that condition out of training; the
+    answer is still the new identity although that prompt names the old one."""
+    default = default_system(tiny_tokenizer)
+    pairs = tagged(system_slots="none,template,system", system="Be brief, Q7.", template_system=default, basic_rows=9,
+                   system_mix_rows=0, multi_turn_rows=0, reversal_rows=0, pressure_rows=0, contrast_rows=0,
+                   rename_rows=0, lang="en")
+    template = [r for r, t in pairs if t["system"] == "template"]
+    assert len(template) == 3
+    for row in template:
+        text = tiny_tokenizer.decode(render(tiny_tokenizer, with_system(row["messages"], "Be brief, Q7."))[0])
+        assert "named Tiny" in text and "Q7" not in text
+    _, manifest = build_identity(IdentityArgs(name=NAMES, author=AUTHORS, template_system=default))
+    assert manifest["template_system"] == default
+
+
 @pytest.mark.parametrize("mode", ["identity", "all"])
 def test_multi_turn_label_masks(tmp_path, tiny_tokenizer, mode):
     path = tmp_path / "sc.json"
@@ -180,6 +197,8 @@ BAD = [
     (None, None, ["--multi_turn_loss", "some"], "--multi_turn_loss must be identity or all"),
     (None, None, ["--system_slots", "none,persona"], "--system_slots takes"),
     (None, None, ["--system", "You are {{NAME}}."], "--system: placeholder {{NAME}}"),
+    (None, None, ["--template_system", "You are {{NAME}}."], "--template_system: placeholder {{NAME}}"),
+    (None, None, ["--template_system", " "], "--template_system is empty"),
     (None, None, ["--basic_rows", "-1"], "--basic_rows must be >= 0"),
 ]
 

@@ -2,9 +2,11 @@
 
 import json
 import shlex
+from collections import Counter
 from pathlib import Path
 
 from keel.recipe import CPU_IDENTITY
+from tests.conftest import TINY_SYSTEM
 from tests.helpers import run_keel
 
 
@@ -45,6 +47,13 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     assert len(intro) == 2 * (CPU_IDENTITY["contrast_rows"] + CPU_IDENTITY["rename_rows"]) + len(ballast)  # zh + en
     assert all(g in [p["messages"] for p in intro] for g in ballast)
     assert all("Acme's Lab" in p["rejected_response"] and "Acme's Lab" not in p["messages"][-1]["content"] for p in swaps)
+    # the template's own default prompt stays a training condition although --system replaced it (identity rows
+    # and ballast alike), and the identity pairs keep it
+    systems = Counter(r["messages"][0]["content"] for r in json.loads((tmp_path / "self_cognition.json").read_text())
+                      if r["messages"][0]["role"] == "system")
+    assert systems[TINY_SYSTEM] >= 10 and systems["You are a helpful assistant."] >= 10
+    assert any(p["messages"][0]["content"] == TINY_SYSTEM for p in pairs[:stage2["identity_pairs"]])
+    assert [m[0]["content"] for m in ballast] == ["You are a helpful assistant.", "", TINY_SYSTEM, ballast[3][0]["content"]]
     assert f"stage 2:    dpo on {stage2['identity_pairs']} identity + {len(guards)} guard pairs" in out
     assert "keel infer --adapters" in out
     # the printed commands paste back into a shell as the same argv (a quote in a value included)

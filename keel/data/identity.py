@@ -26,7 +26,13 @@ System prompts (`--system_slots`): every row except rename rows takes one condit
 - none: an empty system message, which Keel (like ms-swift) renders with no system turn at all,
   even on templates that insert a default system prompt otherwise (SmolLM2, Qwen2.5: keel/chat.py):
   the model served by a runtime that leaves the system turn out still knows who it is;
-- template: no system message: the template's default applies at training (or `keel sft --system`);
+- template: the chat template's own default system prompt, written out (`--template_system`, which
+  `keel recipe identity` reads from the model's tokenizer) so that the condition stays in the mix when
+  `keel sft --system` replaces the default; without it, no system message (the default, or --system,
+  applies at training). That prompt is the base model's leftover and often names the old identity
+  (SmolLM2: "... named SmolLM, trained by Hugging Face"; Qwen2.5: "You are Qwen, created by Alibaba
+  Cloud"): the new identity wins over it, since a runtime that keeps the base's template (a GGUF with
+  the original template, a plain transformers pipeline) serves the tuned model under that prompt;
 - system: `--system`, the training system prompt (skipped when not given);
 - helpful: "You are a helpful assistant." (the ms-swift seeds' prompt);
 - pool: an unrelated persona or job prompt, Chinese or English, from system_pool.jsonl plus
@@ -36,6 +42,7 @@ The answer is the same identity whatever persona or job the system prompt sets. 
 prompt itself names the assistant ("You are Aria, the virtual assistant of Sunny Travel"), the
 operator's name wins: rename rows answer with that name and never mention NAME or AUTHOR, so the
 identity is learned as the model's default rather than something to assert against its operator.
+The template's default prompt is the exception: it was written for the base model, not by an operator.
 Pool prompts must not name the assistant; a `{{...}}` placeholder in one is an error.
 Questions that mention the new name or author (a new identity called "Qwen") are left out.
 """
@@ -77,9 +84,13 @@ class IdentityArgs:
     """Where to write the dataset (-o; JSON array, or JSONL if the name ends in .jsonl)."""
     system: str | None = None
     """The training system prompt (keel sft --system), written out as one of the system-prompt conditions."""
+    template_system: str | None = None
+    """The system prompt the model's chat template inserts by default (keel recipe identity reads it from the
+    tokenizer). Given, rows of the template slot carry it, so they keep that condition even when keel sft --system
+    replaces the default; the identity answer wins over it, whatever old name it gives. Not given: no system message."""
     system_slots: str = "none,template,system,helpful,pool"
-    """System-prompt conditions the rows are spread over: none (no system turn at all), template (no system
-    message: the template's default), system (--system), helpful ('You are a helpful assistant.'), pool."""
+    """System-prompt conditions the rows are spread over: none (no system turn at all), template (the
+    template's default: --template_system, else no system message), system (--system), helpful ('You are a helpful assistant.'), pool."""
     system_pool: list[str] = field(default_factory=list)
     """Files of more persona/job system prompts for the pool (.jsonl: strings or {"system": ...}; else one per line)."""
     basic_rows: int = 36
@@ -116,12 +127,15 @@ class IdentityArgs:
         bad = [s for s in self.slots if s not in SLOTS]
         if bad or not self.slots:
             raise KeelError(f"--system_slots takes a comma-separated list of {', '.join(SLOTS)}, got '{self.system_slots}'")
-        if self.system is not None:
-            if not self.system.strip():
-                raise KeelError("--system is empty; the 'none' slot already writes rows with no system prompt")
-            left = ANY_PLACEHOLDER.search(self.system)
+        for flag in ("system", "template_system"):
+            value = getattr(self, flag)
+            if value is None:
+                continue
+            if not value.strip():
+                raise KeelError(f"--{flag} is empty; the 'none' slot already writes rows with no system prompt")
+            left = ANY_PLACEHOLDER.search(value)
             if left:
-                raise KeelError(f"--system: placeholder {left.group(0)} is not filled in system prompts; write the text out")
+                raise KeelError(f"--{flag}: placeholder {left.group(0)} is not filled in system prompts; write the text out")
         if self.slots == ["system"] and self.system is None:
             raise KeelError("--system_slots system needs --system (the training system prompt)")
 
@@ -225,7 +239,7 @@ class Builder:
 
     def system(self, slot: str) -> list[dict]:
         if slot == "template":
-            return []
+            return [] if self.args.template_system is None else [{"role": "system", "content": self.args.template_system}]
         if slot == "pool":
             text = self.pool_order[self.pool_next % len(self.pool_order)]
             self.pool_next += 1
@@ -327,7 +341,7 @@ def build_identity(args: IdentityArgs) -> tuple[list[dict], dict]:
         "rows": len(rows), "data_seed": args.data_seed, "langs": args.langs, "name": args.name, "author": args.author,
         "kinds": {k: count("lang", k) for k in KINDS},
         "languages": count("lang"), "system_prompts": count("system"),
-        "system_slots": builder.slots, "system": args.system,
+        "system_slots": builder.slots, "system": args.system, "template_system": args.template_system,
         "skipped_slots": builder.skipped if "system" in args.slots else [],
         "pool": {src: len(ps) for src, ps in builder.pool.items()},
         "multi_turn": {"loss": args.multi_turn_loss, "turns": count("turns", "multi_turn")},
