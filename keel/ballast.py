@@ -34,6 +34,7 @@ from keel.model import cache_root, eval_mode
 
 PROMPTS_FILE = Path(__file__).parent / "data" / "ballast_prompts.jsonl"
 SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
+REPLACE_ROUNDS = 4  # rounds of replacing prompts whose answers were unusable
 
 
 def builtin_prompts() -> list[str]:
@@ -55,6 +56,10 @@ def draw(prompts: list[str], n: int, rng: random.Random, balance: bool) -> list[
     chosen = rng.sample(zh, k_zh) + rng.sample(en, min(len(en), n - k_zh))
     rng.shuffle(chosen)
     return chosen
+
+
+def teachable(answer: str | None) -> bool:
+    return bool(answer) and not mentions(answer, OLD_IDENTITY)
 
 
 def finish(answer: str, truncated: bool) -> str | None:
@@ -151,11 +156,27 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
         assigned = [main[i % rnd] if i % rnd < len(main) else rng.choice(pool) for i in range(len(chosen))]
     else:
         assigned = [system] * len(chosen)
-    answers = cached_answers(model, tokenizer, list(zip(assigned, chosen)), max_new_tokens, batch_size)
+    slots = list(zip(assigned, chosen))
+    answers = cached_answers(model, tokenizer, slots, max_new_tokens, batch_size)
+    # A slot whose answer is unusable (cut off with no full sentence, or naming the base's identity, which must not
+    # be taught back) goes to an unused prompt of the same language under the same system prompt, so ballast#N keeps
+    # N rows and its language balance: a small model's Chinese answers are cut off far more often.
+    taken = set(chosen)
+    spare = {lang: [p for p in prompts if p not in taken and lang_of(p) == lang] for lang in ("zh", "en")}
+    for lang in spare:
+        rng.shuffle(spare[lang])
+    for _ in range(REPLACE_ROUNDS):
+        swaps = [(i, spare[lang_of(p)].pop()) for i, (s, p) in enumerate(slots)
+                 if not teachable(answers.get((s, p))) and spare[lang_of(p)]]
+        if not swaps:
+            break
+        for i, p in swaps:
+            slots[i] = (slots[i][0], p)
+        answers.update(cached_answers(model, tokenizer, [slots[i] for i, _ in swaps], max_new_tokens, batch_size))
     rows = []
-    for p, sys_prompt in zip(chosen, assigned):
+    for sys_prompt, p in slots:
         a = answers.get((sys_prompt, p))
-        if a and not mentions(a, OLD_IDENTITY):  # the base's identity must not be taught back
+        if teachable(a):
             msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
             rows.append({"messages": with_system(msgs, sys_prompt)})
     if repeat and rows and n > len(rows):

@@ -12,7 +12,7 @@ from keel.data.formats import load_records
 from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
 from keel.evals.identity import OLD_IDENTITY, mentions
-from keel.evals.sets import load_sets
+from keel.evals.sets import lang_of, load_sets
 from keel.generate import generate_batch
 from keel.model import ModelArgs, cache_root, load_model
 from tests.helpers import run_keel
@@ -64,6 +64,30 @@ def test_generation_cache_and_spec(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("keel.ballast.generate_batch", lambda *a, **k: calls.append(1) or [])
     again = ballast_records(model, tok, 6, "Be brief.", max_new_tokens=16)
     assert again == rows and not calls  # second run: all from the cache
+
+
+def test_unusable_answers_are_replaced_in_the_same_language_and_system_prompt(tiny_model_dir, monkeypatch):
+    """Chinese answers of a small model are cut off more often: their slots go to other Chinese prompts, so
+    ballast#N keeps N rows, half of them Chinese, each under the system prompt its slot had."""
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    first = set()
+
+    def zh_cut_off_once(model, tok, pairs, max_new_tokens, batch_size):
+        out = {}
+        for system, p in pairs:
+            bad = lang_of(p) == "zh" and not first
+            out[(system, p)] = None if bad else ("Made by SmolLM." if p.startswith("Who") else f"[{system}] answer.")
+        first.add(1)
+        return out
+
+    monkeypatch.setattr("keel.ballast.cached_answers", zh_cut_off_once)
+    prompts = [f"问题{i}？" for i in range(10)] + [f"Question {i}?" for i in range(10)] + ["Who are you?"]
+    rows = ballast_records(model, tok, 8, "Train.", prompts=prompts, systems=(["Train.", ""], ["Pool A"]))
+    asked = [r["messages"][1]["content"] for r in rows]
+    assert len(rows) == 8 and sum(lang_of(q) == "zh" for q in asked) == sum(lang_of(q) == "zh" for q in
+                                                                          draw(prompts, 8, random.Random(42), False))
+    assert "Who are you?" not in asked  # the base's identity is never taught back, and its slot is filled too
+    assert all(r["messages"][-1]["content"] == f"[{r['messages'][0]['content']}] answer." for r in rows)
 
 
 def test_interrupted_generation_is_kept(tiny_model_dir, monkeypatch):
