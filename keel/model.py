@@ -101,8 +101,9 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def cpu_bf16_training(flag: bool | None, device) -> bool:
+def cpu_bf16_training(flag: bool | None, device, warn: bool = True) -> bool:
     """Whether `keel sft`/`keel rlhf` train in bf16 (--cpu_autocast_bf16): as given, else where the CPU has native bf16.
+    Asked for on a CPU without it, a warning says so (`warn`: this process prints, e.g. the main one).
 
     On AVX-512 BF16 / AMX CPUs it trains about 1.25x faster, and two seeds' identity, leakage, drift and
     ARC-Easy/PIQA stayed within the fp32 seeds' spread (docs/performance.md; a whole run peaks higher in
@@ -111,7 +112,11 @@ def cpu_bf16_training(flag: bool | None, device) -> bool:
     """
     if device.type != "cpu":
         return False
-    return cpu_has_native_bf16() if flag is None else bool(flag)
+    native = cpu_has_native_bf16()
+    if flag and not native and warn:
+        print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
+              "and training will be slower than fp32")
+    return native if flag is None else bool(flag)
 
 
 def bf16_frozen_weights(model):

@@ -200,7 +200,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # tokens per packed pass, as keel sft (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    args.cpu_autocast_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device)  # args.json says what ran
+    args.cpu_autocast_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device, warn=main_process)  # args.json says what ran
     if args.cpu_autocast_bf16:  # before the reference pass: policy and reference alike
         bf16_frozen_weights(model)
 

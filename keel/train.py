@@ -35,7 +35,7 @@ from keel.data.mix import DataArgs, build_datasets
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-from keel.model import ModelArgs, bf16_frozen_weights, cpu_bf16_training, cpu_has_native_bf16, eval_mode, load_model
+from keel.model import ModelArgs, bf16_frozen_weights, cpu_bf16_training, eval_mode, load_model
 from keel.tracking import check_report_to
 from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_step, peak_memory_gb, resumed_model,
                            save_step, set_rng_state, write_record)
@@ -190,11 +190,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # on CPU long packed passes get slower per token (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    cpu_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device)
+    cpu_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device, warn=main_process)
     args.cpu_autocast_bf16 = cpu_bf16  # args.json says what ran
-    if cpu_bf16 and main_process and not cpu_has_native_bf16():
-        print("warning: --cpu_autocast_bf16: this CPU has no AVX-512 BF16 or AMX; bf16 matmuls are emulated "
-              "and training will be slower than fp32")
 
     # --- data: ballast#N answered by the base model into a file, then files -> tokenized rows, once
     specs, aliases = resolve_ballast(data.dataset, model, tok, data.system, run_dir,

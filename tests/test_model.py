@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from keel.errors import KeelError
-from keel.model import ModelArgs, load_model, pick_device_dtype, resolve_model_path
+from keel.model import ModelArgs, cpu_bf16_training, load_model, pick_device_dtype, resolve_model_path
 from tests.conftest import build_model, build_tokenizer
 
 
@@ -16,6 +16,18 @@ def test_cpu_defaults_to_float32_and_flag_overrides():
     assert dtype == (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # on CPU, bfloat16/float16 are noted and computed in float32 (tests/test_tutorials.py)
     assert pick_device_dtype("bfloat16")[1] == (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_asked_without_native_bf16_warns(monkeypatch, capsys, native):
+    """keel sft and keel rlhf alike: bf16 asked for on a CPU that emulates it trains as asked, with a warning."""
+    monkeypatch.setattr("keel.model.cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert cpu_bf16_training(True, cpu) is True and cpu_bf16_training(None, cpu) is native
+    assert cpu_bf16_training(False, cpu) is False and cpu_bf16_training(True, torch.device("meta")) is False
+    assert ("bf16 matmuls are emulated" in capsys.readouterr().out) is not native
+    cpu_bf16_training(True, cpu, warn=False)  # a process other than the main one stays quiet
+    assert capsys.readouterr().out == ""
 
 
 def test_bad_dtype_names_the_flag():
