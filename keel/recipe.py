@@ -18,8 +18,8 @@
    answer is the identity's self-introduction) (`keel data identity --pairs --ballast N`), written to
    OUTPUT_DIR/identity_pairs.jsonl),
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
-Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md);
-on a GPU the seed's settings are used.
+Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md), and
+serve that model on any device; a model you pass gets the ms-swift seed's settings on a GPU (not measured).
 """
 
 from __future__ import annotations
@@ -44,9 +44,21 @@ CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "r
 # asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
 CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
                 "identity": CPU_IDENTITY, "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
+# ms-swift's self-cognition seed for a 7B model on one GPU (lr 1e-4, accumulation 16), with 500 ballast rows and
+# the builder's full identity set: for a model you pass, on a GPU. Not measured here (no GPU, no 7B model); on
+# the embedded model it taught nothing (identity mean 0.05 against the measured settings' 0.7-0.85: 93 steps at
+# half the learning rate, the identity 40% of each batch; docs/experiment.md), so that model keeps CPU_DEFAULTS.
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
                 "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
+
+
+def recipe_defaults(device_type: str, model: str | None) -> dict:
+    """The recipe's settings: the measured ones (CPU_DEFAULTS) on a CPU and for the embedded model (model None)
+    anywhere; the seed's (GPU_DEFAULTS) for a model you pass, on a GPU. A GPU asks the whole evaluation."""
+    if device_type != "cuda":
+        return CPU_DEFAULTS
+    return {**(CPU_DEFAULTS if model is None else GPU_DEFAULTS), "eval": {}}
 
 
 @dataclass
@@ -150,7 +162,7 @@ def main(argv: list[str]):
 
     start = time.time()
     device, _ = pick_device_dtype()
-    defaults = GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS
+    defaults = recipe_defaults(device.type, args.model)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     mc_sets = {Path(f).stem: read_mc_file(f, args.limit) for f in args.mc_files}

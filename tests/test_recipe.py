@@ -5,7 +5,7 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
-from keel.recipe import CPU_IDENTITY
+from keel.recipe import CPU_DEFAULTS, CPU_IDENTITY, GPU_DEFAULTS, recipe_defaults
 from tests.conftest import TINY_SYSTEM
 from tests.helpers import run_keel
 
@@ -83,3 +83,14 @@ def test_bad_stage2_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, cap
     code, _, err = recipe(capsys, tiny_model_dir, tmp_path / "out", "--stage2", "ppo")
     assert code == 2 and "--stage2 must be none or dpo, got 'ppo'" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_embedded_model_keeps_the_measured_settings_on_a_gpu():
+    """The seed's GPU settings (lr 1e-4, accumulation 16, 500 ballast rows) left the embedded model untrained
+    (identity mean 0.05): on a GPU it keeps the measured ones, and asks the whole evaluation; a model you pass
+    gets the seed's there; a CPU keeps the measured ones for any model."""
+    gpu_small = recipe_defaults("cuda", None)
+    assert gpu_small["learning_rate"] == CPU_DEFAULTS["learning_rate"] and gpu_small["ballast"] == CPU_DEFAULTS["ballast"]
+    assert gpu_small["identity"] == CPU_IDENTITY and gpu_small["eval"] == {}
+    assert recipe_defaults("cuda", "Qwen/Qwen2.5-7B-Instruct") == GPU_DEFAULTS
+    assert recipe_defaults("cpu", "Qwen/Qwen2.5-7B-Instruct") == recipe_defaults("cpu", None) == CPU_DEFAULTS

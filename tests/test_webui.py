@@ -247,9 +247,9 @@ def test_estimate_counts_tokens_and_uses_a_measured_run(ui, tiny_model_dir, tiny
 
 def test_omitted_settings_are_the_recipes(ui, tiny_model_dir):
     from keel.model import pick_device_dtype
-    from keel.recipe import CPU_DEFAULTS, GPU_DEFAULTS
+    from keel.recipe import recipe_defaults
 
-    recipe = GPU_DEFAULTS if pick_device_dtype()[0].type == "cuda" else CPU_DEFAULTS  # this machine's settings
+    recipe = recipe_defaults(pick_device_dtype()[0].type, None)  # this machine's settings for the embedded model
     defaults = ui.get("/api/config").json()["defaults"]
     assert defaults["learning_rate"] == recipe["learning_rate"] and defaults["general"] == f"ballast#{recipe['ballast']}"
     form = {k: v for k, v in run_form(tiny_model_dir).items() if k not in ("num_train_epochs", "learning_rate", "general")}

@@ -62,14 +62,15 @@ class RunForm(IdentityForm):
     eval_steps: int = Field(10, ge=1)
 
 
-def recipe_defaults() -> dict:
-    """The form's defaults: keel recipe identity's settings for this machine (CPU or GPU), keel sft's for the rest."""
+def recipe_defaults(model: str | None = None) -> dict:
+    """The form's defaults: keel recipe identity's settings for this machine (CPU or GPU) and model (None: the
+    embedded one), keel sft's for the rest."""
     from keel.data.mix import DataArgs
     from keel.lora import LoraArgs
     from keel.model import pick_device_dtype
-    from keel.recipe import CPU_DEFAULTS, GPU_DEFAULTS
+    from keel.recipe import recipe_defaults as settings
 
-    d = GPU_DEFAULTS if pick_device_dtype()[0].type == "cuda" else CPU_DEFAULTS
+    d = settings(pick_device_dtype()[0].type, model)
     return {"general": f"ballast#{d['ballast']}", "num_train_epochs": float(d["num_train_epochs"]),
             "learning_rate": d["learning_rate"], "gradient_accumulation_steps": d["gradient_accumulation_steps"],
             "lora_rank": LoraArgs().lora_rank, "max_length": DataArgs().max_length, "probes": True, "eval_steps": 10}
@@ -77,7 +78,7 @@ def recipe_defaults() -> dict:
 
 def with_defaults(form: RunForm) -> tuple[RunForm, int]:
     """The form with its empty fields set to the defaults, and the recipe's gradient accumulation."""
-    d = recipe_defaults()
+    d = recipe_defaults(form.model.strip() or None)
     filled = form.model_copy(update={k: d[k] for k in ("general", "num_train_epochs", "learning_rate", "lora_rank",
                                                        "max_length") if getattr(form, k) is None})
     return filled, d["gradient_accumulation_steps"]
