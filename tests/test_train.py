@@ -232,9 +232,9 @@ def test_bf16_training_is_the_default_where_the_cpu_has_native_bf16(tiny_model_d
 def test_bf16_training_evaluates_probes_and_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys,
                                                                         monkeypatch):
     """bf16 frozen weights: the in-training eval loss, identity probe and final check run on them too."""
-    import keel.train
+    import keel.model
 
-    monkeypatch.setattr(keel.train, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(keel.model, "cpu_has_native_bf16", lambda: False)
     result = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--cpu_autocast_bf16", "true",
                            "--eval_identity", "true", "--model_name", "Keel", "--model_author", "Acme"))
     out = capsys.readouterr().out
