@@ -201,7 +201,8 @@ class BallastArgs:
     repeat: bool = False
     """When -n exceeds the prompts, repeat rows to reach it (default: use each prompt once)."""
     system_mix: bool = False
-    """Answer each prompt under one of the identity rows' system prompts (--system, none, 'You are a helpful assistant.', the template's default, the persona pool), written into the rows, as ballast#N in keel sft does."""
+    """Answer each prompt under one of the identity rows' system prompts (--system, none, 'You are a helpful
+    assistant.', the template's default, the persona pool), written into the rows, as ballast#N in keel sft does."""
 
     def __post_init__(self):
         if self.n < 1:

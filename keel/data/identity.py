@@ -89,8 +89,9 @@ class IdentityArgs:
     tokenizer). Given, rows of the template slot carry it, so they keep that condition even when keel sft --system
     replaces the default; the identity answer wins over it, whatever old name it gives. Not given: no system message."""
     system_slots: str = "none,template,system,helpful,pool"
-    """System-prompt conditions the rows are spread over: none (no system turn at all), template (the
-    template's default: --template_system, else no system message), system (--system), helpful ('You are a helpful assistant.'), pool."""
+    """System-prompt conditions the rows are spread over: none (no system turn at all), template (the template's
+    default: --template_system, else no system message), system (--system), helpful ('You are a helpful
+    assistant.'), pool."""
     system_pool: list[str] = field(default_factory=list)
     """Files of more persona/job system prompts for the pool (.jsonl: strings or {"system": ...}; else one per line)."""
     basic_rows: int = 36
