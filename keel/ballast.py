@@ -84,6 +84,12 @@ def system_mix(system: str | None, pool: list[str] | None = None,
     return main, pool or read_pool(POOL_FILE)
 
 
+def model_mix(system: str | None, tokenizer) -> tuple[list[str | None], list[str]]:
+    """system_mix for a model: its template's own default is read from the tokenizer. keel sft's ballast#N and the
+    identity pairs' --ballast both call this, so the DPO stage's ballast rows are the SFT run's."""
+    return system_mix(system, template=default_system(tokenizer))
+
+
 def cached_generations(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int,
                        name: str, desc: str | None = None) -> dict[str, str | None]:
     """The base model's greedy answers to conversations, {json(conversation): answer or None (cut off with
@@ -225,7 +231,7 @@ def write_ballast(args: BallastArgs):
     prompts = user_prompts(args.prompts, "--prompts") if args.prompts else None
     model, tok, _ = load_model(ModelArgs(model=args.model))
     rows = ballast_records(model, tok, args.n, args.system, prompts, max_new_tokens=args.max_new_tokens, repeat=args.repeat,
-                           systems=system_mix(args.system, template=default_system(tok)) if args.system_mix else None)
+                           systems=model_mix(args.system, tok) if args.system_mix else None)
     write_jsonl(args.output, rows)
     print(f"wrote {len(rows)} rows to {args.output}")
 
@@ -243,8 +249,7 @@ def resolve_ballast(specs: list[str], model, tokenizer, system: str | None, out_
         if source != "ballast":
             resolved.append(spec)
             continue
-        mixed = system_mix(system, template=default_system(tokenizer)) if mix else None
-        records = ballast_records(model, tokenizer, n or 200, system, systems=mixed)
+        records = ballast_records(model, tokenizer, n or 200, system, systems=model_mix(system, tokenizer) if mix else None)
         if not records:
             raise KeelError(f"--dataset {spec}: the base model's answers were all unusable; no ballast rows")
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -147,11 +147,9 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     guard = pargs.guard and bool(pairs)
     guarded = [r for r, t in zip(rows, tags) if t["kind"] in GUARD_KINDS] if guard else []
     if pargs.ballast and pairs:
-        from keel.ballast import ballast_records, system_mix
-        from keel.chat import default_system
+        from keel.ballast import ballast_records, model_mix
 
-        mixed = system_mix(args.system, template=default_system(tokenizer))  # the SFT run's ballast rows
-        guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=mixed)
+        guarded += ballast_records(model, tokenizer, pargs.ballast, args.system, systems=model_mix(args.system, tokenizer))
     intros = {lang: self_intro(builder, lang) for lang in ("zh", "en")}
     guards = guard_pairs(guarded, intros)
     if guard:
