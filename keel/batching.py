@@ -73,13 +73,15 @@ def pack(rows: list[tuple[list[int], list[int]]], budget: int, share_prefix: boo
         cur_p = p
     if cur:
         groups.append((cur, cur_p))
-    out = []
+    out, first = [], 0
     for g, p in groups:
         ids = g[0][0][:p] + [t for r in g for t in r[0][p:]]
         labels = g[0][1][:p] + [t for r in g for t in r[1][p:]]
         pos = list(range(p)) + [i for r in g for i in range(p, len(r[0]))]
         batch = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),  # (1, T)
-                 "position_ids": torch.tensor([pos]), "n_tokens": sum(len(r[0]) for r in g)}
+                 "position_ids": torch.tensor([pos]), "n_tokens": sum(len(r[0]) for r in g),
+                 "rows": slice(first, first + len(g))}  # which of the given rows, in order
+        first += len(g)
         if p:
             seg = torch.tensor([0] * p + [i + 1 for i, r in enumerate(g) for _ in range(len(r[0]) - p)])  # (T,)
             causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
@@ -106,7 +108,8 @@ def pad(rows: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int) -
         chunk = rows[i:i + batch_size]
         ids, mask = pad_batch([x for x, _ in chunk], pad_id)          # (B, T)
         labels, _ = pad_batch([y for _, y in chunk], IGNORE_INDEX)   # (B, T)
-        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": int(mask.sum())})
+        out.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "n_tokens": int(mask.sum()),
+                    "rows": slice(i, i + len(chunk))})
     return out
 
 
@@ -118,11 +121,12 @@ def micro_batches(rows, packing: bool, batch_size: int, pack_tokens: int, pad_id
     return pack(rows, pack_tokens, share_prefix) if packing else pad(rows, batch_size, pad_id)
 
 
-def token_loss(model, batch: dict, device, labelled_only: bool = True):
+def token_loss(model, batch: dict, device, labelled_only: bool = True, soft=None):
     """Summed cross-entropy over label tokens, the number of label tokens, and correct predictions.
 
     With labelled_only the output head runs only where a next token is learned: most positions
     are prompt, and the head (vocab x hidden) is a large share of a small model's compute.
+    soft: the base model's distributions for some of those positions (keel/distill.py), learned by KL there.
     """
     ids = batch["input_ids"].to(device)                     # (B, T)
     labels = batch["labels"].to(device)                     # (B, T)
@@ -141,6 +145,11 @@ def token_loss(model, batch: dict, device, labelled_only: bool = True):
         logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, :-1]  # (B, T-1, V)
         keep = targets != IGNORE_INDEX
         logits, tgt = logits[keep], targets[keep]
-    loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
+    if soft is not None:
+        from keel.distill import soft_token_loss
+
+        loss = soft_token_loss(logits, tgt, soft)
+    else:
+        loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
     correct = (logits.argmax(-1) == tgt).sum()
     return loss, tgt.numel(), correct.item()

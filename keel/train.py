@@ -31,7 +31,7 @@ from keel.ballast import resolve_ballast
 from keel.batching import epoch_windows, micro_batches, token_loss
 from keel.checkpoint import check_writable, find_resume_dir, load_state
 from keel.chat import IGNORE_INDEX
-from keel.data.mix import DataArgs, build_datasets
+from keel.data.mix import DataArgs, build_datasets, parse_spec
 from keel.errors import KeelError
 from keel.flags import parse_flags, to_dict
 from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
@@ -97,6 +97,8 @@ class TrainArgs:
     """On CPU, train in bfloat16: frozen base weights stored in bf16, matmuls in bf16 autocast, LoRA weights and optimizer in fp32. Default: on where the CPU has native bf16 (AVX-512 BF16 or AMX: ~1.25x faster, same outcomes over two seeds; docs/performance.md), off elsewhere (emulated bf16 is slower than fp32)."""
     eval_identity: bool = False
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
+    ballast_loss: str = "ce"
+    """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer) or kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py)."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -122,7 +124,8 @@ class TrainArgs:
                    f"--lr_scheduler_type must be cosine, linear or constant, got '{self.lr_scheduler_type}'"),
                   (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
                    "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
-                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16")]
+                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16"),
+                  (self.ballast_loss in ("ce", "kl"), f"--ballast_loss must be ce or kl, got '{self.ballast_loss}'")]
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
@@ -199,6 +202,18 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     train_rows, val_rows, manifest = build_datasets(dataclasses.replace(data, dataset=specs), tok)
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
+    teacher = None
+    if args.ballast_loss == "kl" and aliases:
+        from keel.distill import Teacher
+
+        # The ballast files rendered by the same data layer, so their ids match the training rows'; fp32 like the
+        # answers themselves (before bf16_frozen_weights).
+        files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
+        ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
+                                                          split_dataset_ratio=0.0), tok)[0]
+        teacher = Teacher.of(model, ballast_rows, device)
+        if main_process:
+            print(f"ballast loss kl: the base model's top-{teacher.k} distributions for {len(teacher)} ballast rows")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -217,7 +232,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
               "system": data.system, "total_steps": total, "world_size": accelerator.num_processes}
     config.pop("resume_from_checkpoint", None)
     run = Run(accelerator, model, tok, params, optimizer, scheduler, train_rows, val_rows, run_dir,
-              config, total, steps_per_epoch, rows_per_step)
+              config, total, steps_per_epoch, rows_per_step, teacher=teacher)
     if resume:
         state = load_state(resume)
         optimizer.load_state_dict(state["optimizer"])
@@ -258,7 +273,8 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()
         for batch in micro_batches(rows, args.packing, args.per_device_train_batch_size, args.packing_length, pad_id,
                                    args.share_prefix):
-            loss_sum, n, correct = token_loss(model, batch, device)
+            soft = run.teacher.batch(rows[batch["rows"]]) if run.teacher else None
+            loss_sum, n, correct = token_loss(model, batch, device, soft=soft)
             (loss_sum * accelerator.num_processes / n_step).backward()  # the reduce below averages over processes
             log["loss"] += loss_sum.item()
             log["labels"] += n

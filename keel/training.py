@@ -165,3 +165,4 @@ class Run:
     step: int = 0
     best: dict = field(default_factory=lambda: {"metric": None, "path": None})
     probe: object = None
+    teacher: object = None  # --ballast_loss kl: the base model's distributions for the ballast rows

@@ -1,0 +1,94 @@
+"""Ballast learned as the base model's whole next-token distribution, not only its greedy token (--ballast_loss kl).
+
+A ballast row is the base model's own greedy answer. Cross-entropy on it teaches the argmax token at each position
+and says nothing about the rest of the distribution. Where the base model is unsure (a small model's Chinese), its
+argmax is one weak guess among many, and the rest of the distribution is free to drift towards the only fluent text
+the run teaches: the new identity's self-introduction. Here each ballast answer token is learned against the base
+model's top-k probabilities plus one bucket for the rest of the vocabulary: the KL divergence between the two
+distributions coarsened to those k + 1 outcomes, which is exact for what it keeps and 0 when the tuned model
+matches the base. Identity rows keep plain cross-entropy. The targets come from one no-grad pass of the base model
+over the ballast rows before training (adapters off), so training costs nothing more per step.
+
+    teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
+    loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from keel.chat import IGNORE_INDEX
+
+# Top-k kept per position. The rest of the vocabulary is one bucket, so the KL stays exact for a coarser
+# distribution; 20 covers nearly all of the mass where the base model is sure and keeps its runner-up tokens
+# where it is not, at 20 x (4 + 4) bytes per answer token.
+TOP_K = 20
+
+
+def labelled_positions(labels: list[int]) -> list[int]:
+    """Positions t whose next token t + 1 is learned: where token_loss reads the logits."""
+    return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
+
+
+@dataclass
+class Teacher:
+    """The base model's top-k next-token probabilities at every learned position of some rows, by row ids."""
+
+    targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    k: int = TOP_K
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K) -> "Teacher":
+        """One forward pass per row with adapters off, so the targets are the base model's whatever LoRA holds."""
+        from keel.evals.drift import base_context
+        from keel.model import eval_mode
+
+        teacher = cls(k=k)
+        with base_context(model), eval_mode(model):
+            for ids, labels in rows:
+                key = tuple(ids)
+                keep = labelled_positions(labels)
+                if key in teacher.targets or not keep:
+                    continue
+                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False,
+                               logits_to_keep=torch.tensor(keep, device=device)).logits[0]   # (K, V)
+                top = torch.log_softmax(logits.float(), -1).topk(min(k, logits.shape[-1]), -1)
+                teacher.targets[key] = (top.indices.cpu(), top.values.exp().cpu())           # (K, k) each
+        return teacher
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, rows: list[tuple[list[int], list[int]]]):
+        """(mask, ids, probs) for one micro-batch's learned positions, in token_loss's order (row by row), or None
+        when none of its rows has targets. mask (K,) marks the positions learned from the teacher."""
+        found = [self.targets.get(tuple(ids)) for ids, _ in rows]
+        if not any(t is not None for t in found):
+            return None
+        mask = torch.cat([torch.full((len(labelled_positions(labels)),), t is not None)
+                          for (_, labels), t in zip(rows, found)])
+        ids = torch.cat([t[0] for t in found if t is not None])
+        probs = torch.cat([t[1] for t in found if t is not None])
+        return mask, ids, probs
+
+
+def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft) -> torch.Tensor:
+    """Summed loss over the learned positions: cross-entropy on `tgt` where the mask is off, and where it is on the
+    KL divergence from the teacher's top-k + rest distribution to the model's, coarsened the same way.
+
+    logits (K, V), tgt (K,); soft = (mask (K,), ids (S, k), probs (S, k)) with S = mask.sum()."""
+    mask, ids, p = (x.to(logits.device) for x in soft)
+    logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
+    hard = -logq[~mask].gather(1, tgt[~mask, None]).sum()
+    lq = logq[mask]                                                                # (S, V)
+    lq_top = lq.gather(1, ids)                                                     # (S, k)
+    # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.
+    lq_rest = lq.scatter(1, ids, float("-inf")).logsumexp(1)                       # (S,)
+    p_rest = (1 - p.sum(1)).clamp_min(0)                                           # (S,)
+    kl = (torch.special.xlogy(p, p) - p * lq_top).sum()
+    if ids.shape[1] < logits.shape[-1]:  # with the whole vocabulary in the top k there is no rest
+        kl = kl + (torch.special.xlogy(p_rest, p_rest) - p_rest * lq_rest).sum()
+    return hard + kl

@@ -1,0 +1,99 @@
+"""--ballast_loss kl: ballast rows learned against the base model's top-k distributions (keel/distill.py)."""
+
+import pytest
+import torch
+
+from keel.batching import micro_batches, token_loss
+from keel.chat import render, with_system
+from keel.distill import Teacher, labelled_positions, soft_token_loss
+from keel.lora import LoraArgs, apply_lora
+from tests.conftest import build_model
+from tests.helpers import base_argv, read_log, run_keel, sft
+
+CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
+         [("Who are you?", "I am Keel, made by Acme Lab."), ("Capital of France?", "Paris."),
+          ("你是谁？", "我是一个人工智能助手。"), ("Explain photosynthesis.", "Plants turn light into sugar.")]]
+
+
+def test_whole_vocabulary_kl_equals_trl_gkd_forward_kl():
+    """With every token in the top k, the loss is the full KL(base || tuned): TRL's GKD loss at beta 0."""
+    from trl.experimental.gkd import GKDTrainer
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(6, 50, requires_grad=True), torch.randn(6, 50)
+    top = torch.log_softmax(teacher, -1).topk(50, -1)
+    soft = (torch.ones(6, dtype=torch.bool), top.indices, top.values.exp())
+    ours = soft_token_loss(student, torch.zeros(6, dtype=torch.long), soft)
+    ref = GKDTrainer.generalized_jsd_loss(student[None], teacher[None], beta=0.0, reduction="sum")
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_top_k_kl_is_the_kl_of_the_coarsened_distributions_and_hard_rows_keep_cross_entropy():
+    torch.manual_seed(1)
+    logits, teacher = torch.randn(5, 30), torch.randn(3, 30)
+    tgt = torch.randint(0, 30, (5,))
+    mask = torch.tensor([True, False, True, False, True])
+    top = torch.softmax(teacher, -1).topk(4, -1)
+    loss = soft_token_loss(logits, tgt, (mask, top.indices, top.values))
+    q = torch.softmax(logits, -1)
+    expected = torch.nn.functional.cross_entropy(logits[~mask], tgt[~mask], reduction="sum")
+    for j, i in enumerate(mask.nonzero().squeeze(1)):
+        p_top, q_top = top.values[j], q[i, top.indices[j]]
+        p = torch.cat([p_top, 1 - p_top.sum(0, keepdim=True)])
+        qq = torch.cat([q_top, 1 - q_top.sum(0, keepdim=True)])
+        expected += (p * (p / qq).log()).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # 0 where the tuned model matches the base, whatever the base's uncertainty
+    same = soft_token_loss(teacher, tgt[:3], (torch.ones(3, dtype=torch.bool), top.indices, top.values))
+    assert abs(same.item()) < 1e-5
+
+
+def test_teacher_is_the_base_model_and_lines_up_with_packed_shared_prefix_batches(tiny_tokenizer):
+    """Targets come from the base (adapters off, whatever LoRA holds), and token_loss on a packed batch whose rows
+    share a prefix reads them at the right positions: on the base model the KL part is 0, so the loss is the
+    cross-entropy of the other rows alone."""
+    system = "You are a helpful assistant named Keel, built by Acme Lab for testing."
+    rows = [render(tiny_tokenizer, with_system(c, system)) for c in CONVS]
+    ballast = [rows[1], rows[3]]
+    model = apply_lora(build_model("llama", len(tiny_tokenizer), tiny_tokenizer.eos_token_id), LoraArgs())
+    model.config._attn_implementation = "sdpa"
+    with torch.no_grad():  # a trained adapter, not the zero one LoRA starts with
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    teacher = Teacher.of(model, ballast, torch.device("cpu"), k=5)
+    assert len(teacher) == 2
+    ids, labels = rows[3]
+    with model.disable_adapter(), torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0, labelled_positions(labels)]
+    assert torch.equal(teacher.targets[tuple(ids)][0], torch.log_softmax(logits, -1).topk(5, -1).indices)
+
+    batches = micro_batches(rows, True, 4, 512, tiny_tokenizer.pad_token_id)
+    assert len(batches) == 1 and batches[0]["rows"] == slice(0, 4)
+    soft = teacher.batch(rows[batches[0]["rows"]])
+    assert soft[0].tolist() == sum(([i in (1, 3)] * len(labelled_positions(rows[i][1])) for i in range(4)), [])
+    cpu = torch.device("cpu")
+    with model.disable_adapter(), torch.no_grad():
+        mixed, n, _ = token_loss(model, batches[0], cpu, soft=soft)
+        hard_only = sum(token_loss(model, b, cpu)[0] for b in micro_batches([rows[0], rows[2]], True, 4, 512, 0))
+    assert n == sum(len(labelled_positions(lb)) for _, lb in rows)
+    assert mixed.item() == pytest.approx(hard_only.item(), rel=1e-5, abs=1e-4)
+    assert teacher.batch([rows[0], rows[2]]) is None
+
+
+def test_sft_ballast_kl_trains_from_base_distributions(tiny_model_dir, id_file, tmp_path, capsys):
+    argv = ("--dataset", str(id_file), "ballast#4", "--max_steps", "3", "--ballast_system_mix", "false")
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path / "kl", *argv, "--ballast_loss", "kl"))
+    out = capsys.readouterr().out
+    assert "ballast loss kl: the base model's top-20 distributions for 4 ballast rows" in out
+    kl = read_log(res["run_dir"])
+    ce = read_log(sft(base_argv(tiny_model_dir, id_file, tmp_path / "ce", *argv))["run_dir"])
+    # Same data and seed: the first step's loss differs only by the ballast rows' term (KL, near 0 at step 0,
+    # against cross-entropy on the base's greedy tokens).
+    assert kl[0]["loss"] < ce[0]["loss"]
+    assert "ballast loss kl" not in capsys.readouterr().out
+
+
+def test_bad_ballast_loss_is_one_line(tiny_model_dir, id_file, tmp_path, capsys):
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--ballast_loss", "js"))
+    assert code == 2 and "--ballast_loss must be ce or kl, got 'js'" in err and err.count("\n") == 1
