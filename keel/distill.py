@@ -16,6 +16,7 @@ over the ballast rows before training (adapters off), so training costs nothing 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -32,21 +33,33 @@ def labelled_positions(labels: list[int]) -> list[int]:
     return [t for t in range(len(labels) - 1) if labels[t + 1] != IGNORE_INDEX]
 
 
+class SoftTargets(NamedTuple):
+    """One micro-batch's teacher targets: mask (K,) marks the learned positions that have them, ids and probs (S, k)
+    the top k there (S = mask.sum()); hard (K,) where cross-entropy on the row's own token applies (default: where
+    the mask is off)."""
+    mask: torch.Tensor
+    ids: torch.Tensor
+    probs: torch.Tensor
+    hard: torch.Tensor | None = None
+
+
 @dataclass
 class Teacher:
     """The base model's top-k next-token probabilities at every learned position of some rows, by row ids."""
 
     targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     k: int = TOP_K
+    ce_tokens: int = 0  # cross-entropy on the greedy token too, at the first ce_tokens answer tokens of each row
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K) -> "Teacher":
+    def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K,
+           ce_tokens: int = 0) -> "Teacher":
         """One forward pass per row with adapters off, so the targets are the base model's whatever LoRA holds."""
         from keel.evals.drift import base_context
         from keel.model import eval_mode
 
-        teacher = cls(k=k)
+        teacher = cls(k=k, ce_tokens=ce_tokens)
         with base_context(model), eval_mode(model):
             for ids, labels in rows:
                 key = tuple(ids)
@@ -62,27 +75,29 @@ class Teacher:
     def __len__(self) -> int:
         return len(self.targets)
 
-    def batch(self, rows: list[tuple[list[int], list[int]]]):
-        """(mask, ids, probs) for one micro-batch's learned positions, in token_loss's order (row by row), or None
-        when none of its rows has targets. mask (K,) marks the positions learned from the teacher."""
+    def batch(self, rows: list[tuple[list[int], list[int]]]) -> SoftTargets | None:
+        """The targets for one micro-batch's learned positions, in token_loss's order (row by row), or None when
+        none of its rows has any."""
         found = [self.targets.get(tuple(ids)) for ids, _ in rows]
         if not any(t is not None for t in found):
             return None
-        mask = torch.cat([torch.full((len(labelled_positions(labels)),), t is not None)
-                          for (_, labels), t in zip(rows, found)])
+        counts = [len(labelled_positions(labels)) for _, labels in rows]
+        mask = torch.cat([torch.full((n,), t is not None) for n, t in zip(counts, found)])
+        hard = torch.cat([torch.arange(n) < self.ce_tokens if t is not None else torch.ones(n, dtype=torch.bool)
+                          for n, t in zip(counts, found)])
         ids = torch.cat([t[0] for t in found if t is not None])
         probs = torch.cat([t[1] for t in found if t is not None])
-        return mask, ids, probs
+        return SoftTargets(mask, ids, probs, hard)
 
 
-def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft) -> torch.Tensor:
-    """Summed loss over the learned positions: cross-entropy on `tgt` where the mask is off, and where it is on the
-    KL divergence from the teacher's top-k + rest distribution to the model's, coarsened the same way.
-
-    logits (K, V), tgt (K,); soft = (mask (K,), ids (S, k), probs (S, k)) with S = mask.sum()."""
-    mask, ids, p = (x.to(logits.device) for x in soft)
+def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
+    """Summed loss over the learned positions: cross-entropy on `tgt` where soft.hard says (default: where the mask
+    is off), and where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,
+    coarsened the same way. logits (K, V), tgt (K,)."""
+    mask, ids, p = (x.to(logits.device) for x in soft[:3])
+    hard_at = ~mask if soft.hard is None else soft.hard.to(logits.device)
     logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
-    hard = -logq[~mask].gather(1, tgt[~mask, None]).sum()
+    hard = -logq[hard_at].gather(1, tgt[hard_at, None]).sum()
     lq = logq[mask]                                                                # (S, V)
     lq_top = lq.gather(1, ids)                                                     # (S, k)
     # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.

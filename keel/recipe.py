@@ -43,13 +43,14 @@ CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "r
 # The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
 # asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
 CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
-                "identity": CPU_IDENTITY, "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
+                "ballast_loss": "ce+kl", "identity": CPU_IDENTITY,
+                "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
 # ms-swift's self-cognition seed for a 7B model on one GPU (lr 1e-4, accumulation 16), with 500 ballast rows and
 # the builder's full identity set: for a model you pass, on a GPU. Not measured here (no GPU, no 7B model); on
 # the embedded model it taught nothing (identity mean 0.05 against the measured settings' 0.7-0.85: 93 steps at
 # half the learning rate, the identity 40% of each batch; docs/experiment.md), so that model keeps CPU_DEFAULTS.
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
-                "identity": {}, "eval": {}}
+                "ballast_loss": "ce+kl", "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
 
 
@@ -73,6 +74,9 @@ class RecipeArgs:
     """Where the data, the run and the report go."""
     ballast: int | None = None
     """Self-distilled general rows mixed in (default: 48 on CPU, 500 on GPU; 0 for identity only)."""
+    ballast_loss: str | None = None
+    """How the ballast rows are learned (keel sft --ballast_loss: ce, kl or ce+kl; default ce+kl: drift from the base
+    halves at the same identity and leakage, docs/experiment.md)."""
     num_train_epochs: float | None = None
     """Epochs (default: 3)."""
     learning_rate: float | None = None
@@ -102,6 +106,11 @@ class RecipeArgs:
             check_zh_en(flag, getattr(self, flag))
         if self.ballast is not None and self.ballast < 0:
             raise KeelError("--ballast must be >= 0")
+        from keel.train import BALLAST_LOSSES
+
+        if self.ballast_loss is not None and self.ballast_loss not in BALLAST_LOSSES:
+            raise KeelError(f"--ballast_loss must be {', '.join(BALLAST_LOSSES[:-1])} or {BALLAST_LOSSES[-1]}, "
+                            f"got '{self.ballast_loss}'")
         if self.stage2 not in STAGES:
             raise KeelError(f"--stage2 must be none or dpo, got '{self.stage2}'")
 
@@ -181,7 +190,8 @@ def main(argv: list[str]):
                TrainArgs(output_dir=str(out / "output"), seed=args.seed, warmup_ratio=0.05, save_total_limit=1,
                          logging_steps=10, num_train_epochs=args.num_train_epochs or defaults["num_train_epochs"],
                          learning_rate=args.learning_rate or defaults["learning_rate"],
-                         gradient_accumulation_steps=defaults["gradient_accumulation_steps"]))
+                         gradient_accumulation_steps=defaults["gradient_accumulation_steps"],
+                         ballast_loss=args.ballast_loss or defaults["ballast_loss"]))
     sft = to_argv(*configs)
     print("keel sft " + shlex.join(sft))
     result = train(*configs)

@@ -43,6 +43,9 @@ from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
                "gradient_accumulation_steps", "lora_rank", "max_length")
+# --ballast_loss: at how many of a ballast answer's first tokens cross-entropy applies beside the KL (keel/distill.py)
+BALLAST_CE_TOKENS = {"kl": 0, "ce+kl": 1 << 30}
+BALLAST_LOSSES = ("ce", *BALLAST_CE_TOKENS)
 # Probe metrics echoed on the eval line (all of them go to logging.jsonl).
 SHOWN_PROBES = ("identity_hit", "identity_robustness", "leakage", "drift_kl")
 
@@ -98,7 +101,7 @@ class TrainArgs:
     eval_identity: bool = False
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     ballast_loss: str = "ce"
-    """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer) or kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py)."""
+    """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -125,7 +128,9 @@ class TrainArgs:
                   (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
                    "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
                   (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16"),
-                  (self.ballast_loss in ("ce", "kl"), f"--ballast_loss must be ce or kl, got '{self.ballast_loss}'")]
+                  (self.ballast_loss in BALLAST_LOSSES,
+                   f"--ballast_loss must be {', '.join(BALLAST_LOSSES[:-1])} or {BALLAST_LOSSES[-1]}, "
+                   f"got '{self.ballast_loss}'")]
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
@@ -203,7 +208,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
     teacher = None
-    if args.ballast_loss == "kl" and aliases:
+    if args.ballast_loss != "ce" and aliases:
         from keel.distill import Teacher
 
         # The ballast files rendered by the same data layer, so their ids match the training rows'; fp32 like the
@@ -211,9 +216,10 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
         ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
                                                           split_dataset_ratio=0.0), tok)[0]
-        teacher = Teacher.of(model, ballast_rows, device)
+        teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss])
         if main_process:
-            print(f"ballast loss kl: the base model's top-{teacher.k} distributions for {len(teacher)} ballast rows")
+            print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
+                  f"{len(teacher)} ballast rows")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps

@@ -5,7 +5,7 @@ import torch
 
 from keel.batching import micro_batches, token_loss
 from keel.chat import render, with_system
-from keel.distill import Teacher, labelled_positions, soft_token_loss
+from keel.distill import SoftTargets, Teacher, labelled_positions, soft_token_loss
 from keel.lora import LoraArgs, apply_lora
 from tests.conftest import build_model
 from tests.helpers import base_argv, read_log, run_keel, sft
@@ -22,7 +22,7 @@ def test_whole_vocabulary_kl_equals_trl_gkd_forward_kl():
     torch.manual_seed(0)
     student, teacher = torch.randn(6, 50, requires_grad=True), torch.randn(6, 50)
     top = torch.log_softmax(teacher, -1).topk(50, -1)
-    soft = (torch.ones(6, dtype=torch.bool), top.indices, top.values.exp())
+    soft = SoftTargets(torch.ones(6, dtype=torch.bool), top.indices, top.values.exp())
     ours = soft_token_loss(student, torch.zeros(6, dtype=torch.long), soft)
     ref = GKDTrainer.generalized_jsd_loss(student[None], teacher[None], beta=0.0, reduction="sum")
     assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
@@ -34,7 +34,7 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions_and_hard_rows_keep_cr
     tgt = torch.randint(0, 30, (5,))
     mask = torch.tensor([True, False, True, False, True])
     top = torch.softmax(teacher, -1).topk(4, -1)
-    loss = soft_token_loss(logits, tgt, (mask, top.indices, top.values))
+    loss = soft_token_loss(logits, tgt, SoftTargets(mask, top.indices, top.values))
     q = torch.softmax(logits, -1)
     expected = torch.nn.functional.cross_entropy(logits[~mask], tgt[~mask], reduction="sum")
     for j, i in enumerate(mask.nonzero().squeeze(1)):
@@ -43,8 +43,11 @@ def test_top_k_kl_is_the_kl_of_the_coarsened_distributions_and_hard_rows_keep_cr
         qq = torch.cat([q_top, 1 - q_top.sum(0, keepdim=True)])
         expected += (p * (p / qq).log()).sum()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    both = soft_token_loss(logits, tgt, SoftTargets(mask, top.indices, top.values, torch.ones(5, dtype=torch.bool)))
+    ce_at_soft = torch.nn.functional.cross_entropy(logits[mask], tgt[mask], reduction="sum")
+    assert both.item() == pytest.approx((expected + ce_at_soft).item(), rel=1e-5)
     # 0 where the tuned model matches the base, whatever the base's uncertainty
-    same = soft_token_loss(teacher, tgt[:3], (torch.ones(3, dtype=torch.bool), top.indices, top.values))
+    same = soft_token_loss(teacher, tgt[:3], SoftTargets(torch.ones(3, dtype=torch.bool), top.indices, top.values))
     assert abs(same.item()) < 1e-5
 
 
@@ -71,7 +74,12 @@ def test_teacher_is_the_base_model_and_lines_up_with_packed_shared_prefix_batche
     batches = micro_batches(rows, True, 4, 512, tiny_tokenizer.pad_token_id)
     assert len(batches) == 1 and batches[0]["rows"] == slice(0, 4)
     soft = teacher.batch(rows[batches[0]["rows"]])
-    assert soft[0].tolist() == sum(([i in (1, 3)] * len(labelled_positions(rows[i][1])) for i in range(4)), [])
+    counts = [len(labelled_positions(labels)) for _, labels in rows]
+    assert soft.mask.tolist() == sum(([i in (1, 3)] * counts[i] for i in range(4)), [])
+    assert soft.hard.tolist() == (~soft.mask).tolist()
+    # cross-entropy kept at the first 2 answer tokens of the teacher's rows (and everywhere on the others)
+    opening = Teacher(teacher.targets, k=5, ce_tokens=2).batch(rows)
+    assert opening.hard.tolist() == sum(([i not in (1, 3) or j < 2 for j in range(counts[i])] for i in range(4)), [])
     cpu = torch.device("cpu")
     with model.disable_adapter(), torch.no_grad():
         mixed, n, _ = token_loss(model, batches[0], cpu, soft=soft)
@@ -96,4 +104,4 @@ def test_sft_ballast_kl_trains_from_base_distributions(tiny_model_dir, id_file, 
 
 def test_bad_ballast_loss_is_one_line(tiny_model_dir, id_file, tmp_path, capsys):
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--ballast_loss", "js"))
-    assert code == 2 and "--ballast_loss must be ce or kl, got 'js'" in err and err.count("\n") == 1
+    assert code == 2 and "--ballast_loss must be ce, kl or ce+kl, got 'js'" in err and err.count("\n") == 1

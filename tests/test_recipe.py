@@ -36,6 +36,9 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     (sft_ckpt,) = final["adapters"]
     assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
     assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
+    # SFT learns its ballast rows against the base model's distributions as well as its greedy tokens
+    assert run_args(sft_ckpt)["ballast_loss"] == "ce+kl"
+    assert "ballast loss ce+kl: the base model's top-20 distributions for 4 ballast rows" in out
     # guard pairs follow the identity pairs: the contrast, rename and the SFT run's ballast rows against the
     # self-introduction, then the contrast answers with another AI's maker swapped for the new author
     guards = pairs[stage2["identity_pairs"]:]
@@ -82,6 +85,12 @@ def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path,
 def test_bad_stage2_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
     code, _, err = recipe(capsys, tiny_model_dir, tmp_path / "out", "--stage2", "ppo")
     assert code == 2 and "--stage2 must be none or dpo, got 'ppo'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_ballast_loss_is_one_line_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    code, _, err = recipe(capsys, tiny_model_dir, tmp_path / "out", "--ballast_loss", "mse")
+    assert code == 2 and "--ballast_loss must be ce, kl or ce+kl, got 'mse'" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 

@@ -217,7 +217,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
         return {"findings": await check_rows(forms.row_dicts(form.rows), names, authors, form, model)}
 
     async def run_plan(form: forms.RunForm):
-        form, accumulation = forms.with_defaults(form)
+        form, fixed = forms.with_defaults(form)
         names, authors = forms.identity_of(form)
         model = forms.check_model(form.model)
         folder = forms.run_folder(form.folder, ui.roots[0])
@@ -225,7 +225,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
         rows = forms.row_dicts(form.rows) if form.rows else (await identity_rows(form))[3]
         # One data file per run: an earlier run in the folder keeps the file its args.json names.
         data = folder / f"self_cognition-{time.strftime('%Y%m%d-%H%M%S')}.json"
-        argv = forms.sft_argv(form, names, authors, model, data, general, folder, accumulation)
+        argv = forms.sft_argv(form, names, authors, model, data, general, folder, fixed)
         return form, names, authors, model, folder, general, rows, data, argv
 
     @app.post("/api/estimate")

@@ -73,15 +73,17 @@ def recipe_defaults(model: str | None = None) -> dict:
     d = settings(pick_device_dtype()[0].type, model)
     return {"general": f"ballast#{d['ballast']}", "num_train_epochs": float(d["num_train_epochs"]),
             "learning_rate": d["learning_rate"], "gradient_accumulation_steps": d["gradient_accumulation_steps"],
+            "ballast_loss": d["ballast_loss"],
             "lora_rank": LoraArgs().lora_rank, "max_length": DataArgs().max_length, "probes": True, "eval_steps": 10}
 
 
-def with_defaults(form: RunForm) -> tuple[RunForm, int]:
-    """The form with its empty fields set to the defaults, and the recipe's gradient accumulation."""
+def with_defaults(form: RunForm) -> tuple[RunForm, dict]:
+    """The form with its empty fields set to the defaults, and the recipe's settings the form does not show
+    (keel sft flags: gradient accumulation, how ballast is learned)."""
     d = recipe_defaults(form.model.strip() or None)
     filled = form.model_copy(update={k: d[k] for k in ("general", "num_train_epochs", "learning_rate", "lora_rank",
                                                        "max_length") if getattr(form, k) is None})
-    return filled, d["gradient_accumulation_steps"]
+    return filled, {k: d[k] for k in ("gradient_accumulation_steps", "ballast_loss")}
 
 
 def identity_of(form: IdentityForm) -> tuple[list[str], list[str]]:
@@ -159,14 +161,15 @@ def check_general(spec: str) -> list[str]:
 
 
 def sft_argv(form: RunForm, names, authors, model: str | None, data_file: Path, general: list[str],
-             folder: Path, accumulation: int) -> list[str]:
+             folder: Path, fixed: dict) -> list[str]:
     """`keel sft` flags for this form (the recipe's settings, the few flags the form changes)."""
     from keel.train import parse_args
 
     argv = ["--dataset", str(data_file), *general, "--model_name", *names, "--model_author", *authors,
             "--system", form.system, "--output_dir", str(folder), "--num_train_epochs", repr(form.num_train_epochs),
             "--learning_rate", repr(form.learning_rate), "--lora_rank", str(form.lora_rank),
-            "--max_length", str(form.max_length), "--gradient_accumulation_steps", str(accumulation), *RECIPE_FLAGS,
+            "--max_length", str(form.max_length), *(x for k, v in fixed.items() for x in (f"--{k}", str(v))),
+            *RECIPE_FLAGS,
             # The probes run at each eval, and an eval needs held-out rows.
             "--eval_identity", "true" if form.probes else "false",
             "--split_dataset_ratio", "0.05" if form.probes else "0", "--eval_steps", str(form.eval_steps)]
