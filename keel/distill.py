@@ -56,12 +56,14 @@ class Teacher:
     def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K,
            ce_tokens: int = 0) -> "Teacher":
         """One forward pass per row with adapters off, so the targets are the base model's whatever LoRA holds."""
+        from tqdm import tqdm
+
         from keel.evals.drift import base_context
         from keel.model import eval_mode
 
         teacher = cls(k=k, ce_tokens=ce_tokens)
         with base_context(model), eval_mode(model):
-            for ids, labels in rows:
+            for ids, labels in tqdm(rows, desc="ballast targets", unit="row", leave=False):
                 key = tuple(ids)
                 keep = labelled_positions(labels)
                 if key in teacher.targets or not keep:

@@ -216,10 +216,11 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
         ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
                                                           split_dataset_ratio=0.0), tok)[0]
+        t0 = time.time()
         teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss])
         if main_process:
             print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
-                  f"{len(teacher)} ballast rows")
+                  f"{len(teacher)} ballast rows ({time.time() - t0:.1f} s)")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
