@@ -124,9 +124,24 @@ def micro_batches(rows, packing: bool, batch_size: int, pack_tokens: int, pad_id
 def token_loss(model, batch: dict, device, labelled_only: bool = True, soft=None):
     """Summed cross-entropy over label tokens, the number of label tokens, and correct predictions.
 
-    With labelled_only the output head runs only where a next token is learned: most positions
-    are prompt, and the head (vocab x hidden) is a large share of a small model's compute.
     soft: the base model's distributions for some of those positions (keel/distill.py), learned by KL there.
+    """
+    logits, tgt = labelled_logits(model, batch, device, labelled_only)
+    if soft is not None:
+        from keel.distill import soft_token_loss
+
+        loss = soft_token_loss(logits, tgt, soft)
+    else:
+        loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
+    correct = (logits.argmax(-1) == tgt).sum()
+    return loss, tgt.numel(), correct.item()
+
+
+def labelled_logits(model, batch: dict, device, labelled_only: bool = True):
+    """(logits (K, V), targets (K,)) at the K positions whose next token is learned, row by row in order.
+
+    With labelled_only the output head runs only there: most positions are prompt, and the head
+    (vocab x hidden) is a large share of a small model's compute.
     """
     ids = batch["input_ids"].to(device)                     # (B, T)
     labels = batch["labels"].to(device)                     # (B, T)
@@ -145,11 +160,4 @@ def token_loss(model, batch: dict, device, labelled_only: bool = True, soft=None
         logits = model(input_ids=ids, use_cache=False, **kwargs).logits[:, :-1]  # (B, T-1, V)
         keep = targets != IGNORE_INDEX
         logits, tgt = logits[keep], targets[keep]
-    if soft is not None:
-        from keel.distill import soft_token_loss
-
-        loss = soft_token_loss(logits, tgt, soft)
-    else:
-        loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
-    correct = (logits.argmax(-1) == tgt).sum()
-    return loss, tgt.numel(), correct.item()
+    return logits, tgt

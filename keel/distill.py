@@ -53,25 +53,30 @@ class Teacher:
 
     @classmethod
     @torch.no_grad()
-    def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K,
-           ce_tokens: int = 0) -> "Teacher":
-        """One forward pass per row with adapters off, so the targets are the base model's whatever LoRA holds."""
+    def of(cls, model, rows: list[tuple[list[int], list[int]]], device, k: int = TOP_K, ce_tokens: int = 0,
+           pack_tokens: int = 256) -> "Teacher":
+        """The base model's targets (adapters off, whatever LoRA holds), in packed passes like training's."""
         from tqdm import tqdm
 
+        from keel.batching import labelled_logits, micro_batches
         from keel.evals.drift import base_context
         from keel.model import eval_mode
 
         teacher = cls(k=k, ce_tokens=ce_tokens)
+        rows = list({tuple(ids): (ids, labels) for ids, labels in rows if labelled_positions(labels)}.values())
+        bar = tqdm(total=len(rows), desc="ballast targets", unit="row", leave=False)
         with base_context(model), eval_mode(model):
-            for ids, labels in tqdm(rows, desc="ballast targets", unit="row", leave=False):
-                key = tuple(ids)
-                keep = labelled_positions(labels)
-                if key in teacher.targets or not keep:
-                    continue
-                logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False,
-                               logits_to_keep=torch.tensor(keep, device=device)).logits[0]   # (K, V)
+            for batch in micro_batches(rows, True, 1, pack_tokens, 0):
+                logits, _ = labelled_logits(model, batch, device)                          # (K, V)
                 top = torch.log_softmax(logits.float(), -1).topk(min(k, logits.shape[-1]), -1)
-                teacher.targets[key] = (top.indices.cpu(), top.values.exp().cpu())           # (K, k) each
+                ids, probs = top.indices.cpu(), top.values.exp().cpu()                    # (K, k) each
+                start = 0
+                for row_ids, labels in rows[batch["rows"]]:
+                    n = len(labelled_positions(labels))
+                    teacher.targets[tuple(row_ids)] = (ids[start:start + n], probs[start:start + n])
+                    start += n
+                bar.update(len(rows[batch["rows"]]))
+        bar.close()
         return teacher
 
     def __len__(self) -> int:

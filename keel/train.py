@@ -217,7 +217,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
                                                           split_dataset_ratio=0.0), tok)[0]
         t0 = time.time()
-        teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss])
+        teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss],
+                             pack_tokens=args.packing_length)
         if main_process:
             print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
                   f"{len(teacher)} ballast rows ({time.time() - t0:.1f} s)")
