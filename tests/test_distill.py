@@ -105,3 +105,27 @@ def test_sft_ballast_kl_trains_from_base_distributions(tiny_model_dir, id_file, 
 def test_bad_ballast_loss_is_one_line(tiny_model_dir, id_file, tmp_path, capsys):
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--ballast_loss", "js"))
     assert code == 2 and "--ballast_loss must be ce, kl or ce+kl, got 'js'" in err and err.count("\n") == 1
+
+
+def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_path):
+    """A resumed run loads the trained adapter; its targets are still the base model's, so it goes on as the
+    uninterrupted run did."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    argv = ("--dataset", str(id_file), "ballast#4", "--ballast_system_mix", "false", "--ballast_loss", "ce+kl",
+            "--max_steps", "6", "--save_steps", "3")
+    full = sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))
+    copy = tmp_path / "b" / "v0-resumed"
+    copy.mkdir(parents=True)
+    shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
+    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv,
+                            "--resume_from_checkpoint", str(copy / "checkpoint-3")))
+    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
+    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
+    assert got == want and len(got) == 3
+    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
