@@ -42,7 +42,7 @@ from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "lora_rank", "max_length")
+               "gradient_accumulation_steps", "lora_rank", "max_length", "ballast_loss")
 # --ballast_loss: at how many of a ballast answer's first tokens cross-entropy applies beside the KL (keel/distill.py)
 BALLAST_CE_TOKENS = {"kl": 0, "ce+kl": 1 << 30}
 BALLAST_LOSSES = ("ce", *BALLAST_CE_TOKENS)

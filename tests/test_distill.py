@@ -107,7 +107,7 @@ def test_bad_ballast_loss_is_one_line(tiny_model_dir, id_file, tmp_path, capsys)
     assert code == 2 and "--ballast_loss must be ce, kl or ce+kl, got 'js'" in err and err.count("\n") == 1
 
 
-def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_path):
+def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_path, capsys):
     """A resumed run loads the trained adapter; its targets are still the base model's, so it goes on as the
     uninterrupted run did."""
     import shutil
@@ -129,3 +129,9 @@ def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_
     a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
     b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # another ballast loss is another run: resuming it is refused in one line
+    other = [x if x != "ce+kl" else "kl" for x in argv]
+    capsys.readouterr()  # the two runs' progress bars
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "c", *other,
+                                                     "--resume_from_checkpoint", str(copy / "checkpoint-3")))
+    assert code == 2 and "--ballast_loss was 'ce+kl', now 'kl'" in err and err.count("\n") == 1, err
