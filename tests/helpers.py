@@ -40,6 +40,27 @@ def read_log(run_dir) -> list[dict]:
     return [json.loads(line) for line in (Path(run_dir) / "logging.jsonl").read_text().splitlines()]
 
 
+def checkpoint_copy(run: dict, parent: Path, step: int = 3) -> Path:
+    """`run`'s checkpoint-STEP copied into a fresh run folder under `parent`, for a run that resumes it."""
+    copy = parent / "v0-resumed"
+    copy.mkdir(parents=True)
+    shutil.copytree(Path(run["run_dir"]) / f"checkpoint-{step}", copy / f"checkpoint-{step}")
+    return copy / f"checkpoint-{step}"
+
+
+def assert_resumed_like(full: dict, resumed: dict, step: int = 3):
+    """The resumed run logs the uninterrupted run's losses after `step` and ends with the same adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > step and "loss" in r}
+    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
+    assert got == want and got
+    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
+    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @contextlib.contextmanager
 def small_tmpfs(path: Path, size: str = "4m", readonly: bool = False):
     """A real small (or read-only) filesystem at `path` where this machine allows mounting one (root on

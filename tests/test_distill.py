@@ -8,7 +8,7 @@ from keel.chat import render, with_system
 from keel.distill import SoftTargets, Teacher, labelled_positions, soft_token_loss
 from keel.lora import LoraArgs, apply_lora
 from tests.conftest import build_model
-from tests.helpers import base_argv, read_log, run_keel, sft
+from tests.helpers import assert_resumed_like, base_argv, checkpoint_copy, read_log, run_keel, sft
 
 CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in
          [("Who are you?", "I am Keel, made by Acme Lab."), ("Capital of France?", "Paris."),
@@ -110,28 +110,15 @@ def test_bad_ballast_loss_is_one_line(tiny_model_dir, id_file, tmp_path, capsys)
 def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_path, capsys):
     """A resumed run loads the trained adapter; its targets are still the base model's, so it goes on as the
     uninterrupted run did."""
-    import shutil
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
     argv = ("--dataset", str(id_file), "ballast#4", "--ballast_system_mix", "false", "--ballast_loss", "ce+kl",
             "--max_steps", "6", "--save_steps", "3")
     full = sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))
-    copy = tmp_path / "b" / "v0-resumed"
-    copy.mkdir(parents=True)
-    shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
-    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv,
-                            "--resume_from_checkpoint", str(copy / "checkpoint-3")))
-    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
-    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
-    assert got == want and len(got) == 3
-    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
-    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ckpt = checkpoint_copy(full, tmp_path / "b")
+    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv, "--resume_from_checkpoint", str(ckpt)))
+    assert_resumed_like(full, resumed)
     # another ballast loss is another run: resuming it is refused in one line
     other = [x if x != "ce+kl" else "kl" for x in argv]
     capsys.readouterr()  # the two runs' progress bars
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "c", *other,
-                                                     "--resume_from_checkpoint", str(copy / "checkpoint-3")))
+                                                     "--resume_from_checkpoint", str(ckpt)))
     assert code == 2 and "--ballast_loss was 'ce+kl', now 'kl'" in err and err.count("\n") == 1, err

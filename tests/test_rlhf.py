@@ -1,7 +1,6 @@
 """`keel rlhf` on the tiny model: losses equal TRL's, the reference is the base model, a run learns and resumes."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ from keel.data.pairs import render_answers
 from keel.model import ModelArgs, load_model
 from keel.preference import kto_kl, kto_units, orpo_ratio, reference_logps, units_of
 from keel.rlhf import RlhfArgs, parse_args, rlhf, step_objective, summarise
-from tests.helpers import read_log, run_keel
+from tests.helpers import assert_resumed_like, checkpoint_copy, read_log, run_keel
 
 CPU = torch.device("cpu")
 TRIPLES = [("Who are you?", "I am Keel, made by Acme Lab.", "I am SmolLM."),
@@ -223,19 +222,10 @@ def test_dpo_run_raises_the_margin_and_keeps_sft_layout(tiny_model_dir, pairs_fi
 def test_resume_reproduces_the_run(tiny_model_dir, pairs_file, tmp_path):
     full = rlhf(*parse_args(rlhf_argv(tiny_model_dir, pairs_file, tmp_path / "a", "--max_steps", "6",
                                       "--save_steps", "3", "--lora_dropout", "0.1")))
-    copy = tmp_path / "b" / "v0-resumed"
-    copy.mkdir(parents=True)
-    shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
     resumed = rlhf(*parse_args(rlhf_argv(tiny_model_dir, pairs_file, tmp_path / "b", "--max_steps", "6",
                                          "--save_steps", "3", "--lora_dropout", "0.1",
-                                         "--resume_from_checkpoint", str(copy / "checkpoint-3"))))
-    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
-    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
-    assert got == want and len(got) == 3
-    from safetensors.torch import load_file
-    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
-    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                                         "--resume_from_checkpoint", str(checkpoint_copy(full, tmp_path / "b")))))
+    assert_resumed_like(full, resumed)
 
 
 def test_continuing_an_adapter_uses_it_as_reference(tiny_model_dir, pairs_file, tmp_path):

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from keel.checkpoint import CHECKPOINT_FILES
-from tests.helpers import base_argv, fill_disk, read_log, run_keel, sft, small_tmpfs
+from tests.helpers import (assert_resumed_like, base_argv, checkpoint_copy, fill_disk, read_log, run_keel, sft,
+                           small_tmpfs)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,18 +60,9 @@ def test_adapter_loads_with_plain_peft(tiny_model_dir, id_file, tmp_path):
 
 def test_resume_reproduces_uninterrupted(tiny_model_dir, id_file, tmp_path):
     full = sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", "--max_steps", "6", "--save_steps", "3"))
-    copy = tmp_path / "b" / "v0-resumed"
-    copy.mkdir(parents=True)
-    shutil.copytree(Path(full["run_dir"]) / "checkpoint-3", copy / "checkpoint-3")
     resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", "--max_steps", "6", "--save_steps", "3",
-                              "--resume_from_checkpoint", str(copy / "checkpoint-3")))
-    want = {r["global_step"]: r["loss"] for r in read_log(full["run_dir"]) if r["global_step"] > 3 and "loss" in r}
-    got = {r["global_step"]: r["loss"] for r in read_log(resumed["run_dir"]) if "loss" in r}
-    assert got == want and len(got) == 3
-    from safetensors.torch import load_file
-    a = load_file(Path(full["last_model_checkpoint"]) / "adapter_model.safetensors")
-    b = load_file(Path(resumed["last_model_checkpoint"]) / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+                              "--resume_from_checkpoint", str(checkpoint_copy(full, tmp_path / "b"))))
+    assert_resumed_like(full, resumed)
 
 
 def test_seed_command_runs(tiny_model_dir, id_file, shared_data, tmp_path, monkeypatch, capsys):
