@@ -106,11 +106,10 @@ class RecipeArgs:
             check_zh_en(flag, getattr(self, flag))
         if self.ballast is not None and self.ballast < 0:
             raise KeelError("--ballast must be >= 0")
-        from keel.train import BALLAST_LOSSES
+        if self.ballast_loss is not None:
+            from keel.train import check_ballast_loss
 
-        if self.ballast_loss is not None and self.ballast_loss not in BALLAST_LOSSES:
-            raise KeelError(f"--ballast_loss must be {', '.join(BALLAST_LOSSES[:-1])} or {BALLAST_LOSSES[-1]}, "
-                            f"got '{self.ballast_loss}'")
+            check_ballast_loss(self.ballast_loss)
         if self.stage2 not in STAGES:
             raise KeelError(f"--stage2 must be none or dpo, got '{self.stage2}'")
 

@@ -46,6 +46,13 @@ RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_
 # --ballast_loss: at how many of a ballast answer's first tokens cross-entropy applies beside the KL (keel/distill.py)
 BALLAST_CE_TOKENS = {"kl": 0, "ce+kl": 1 << 30}
 BALLAST_LOSSES = ("ce", *BALLAST_CE_TOKENS)
+
+
+def check_ballast_loss(value: str):
+    """--ballast_loss, as keel sft and keel recipe identity both take it."""
+    if value not in BALLAST_LOSSES:
+        raise KeelError(f"--ballast_loss must be {', '.join(BALLAST_LOSSES[:-1])} or {BALLAST_LOSSES[-1]}, "
+                        f"got '{value}'")
 # Probe metrics echoed on the eval line (all of them go to logging.jsonl).
 SHOWN_PROBES = ("identity_hit", "identity_robustness", "leakage", "drift_kl")
 
@@ -127,13 +134,11 @@ class TrainArgs:
                    f"--lr_scheduler_type must be cosine, linear or constant, got '{self.lr_scheduler_type}'"),
                   (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
                    "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
-                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16"),
-                  (self.ballast_loss in BALLAST_LOSSES,
-                   f"--ballast_loss must be {', '.join(BALLAST_LOSSES[:-1])} or {BALLAST_LOSSES[-1]}, "
-                   f"got '{self.ballast_loss}'")]
+                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16")]
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
+        check_ballast_loss(self.ballast_loss)
 
 
 def default_accumulation(batch_size: int, processes: int) -> int:
