@@ -133,8 +133,10 @@ def token_loss(model, batch: dict, device, labelled_only: bool = True, soft=None
         loss = soft_token_loss(logits, tgt, soft)
     else:
         loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
-    correct = (logits.argmax(-1) == tgt).sum()
-    return loss, tgt.numel(), correct.item()
+    right = logits.argmax(-1) == tgt
+    if soft is not None and soft.guard is not None:  # a guard row's tokens are what the model should not say
+        right &= soft.guard.to(right.device) < 0
+    return loss, tgt.numel(), right.sum().item()
 
 
 def labelled_logits(model, batch: dict, device, labelled_only: bool = True):

@@ -11,21 +11,32 @@ over the ballast rows before training (adapters off), so training costs nothing 
 
     teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
     loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
+
+Guard rows (--ballast_guard): each ballast prompt, under its own system prompt, followed by one of the training
+answers' self-introductions ("我是Keel Robot") and learned as unlikely: -log(1 - P(intro | prompt)) per row. The
+leaks measured on the embedded model open ordinary answers with the identity's self-introduction; cross-entropy on
+the base model's answer never sees that path, so nothing pushes it down. The term is ~0 while the model would not
+say the intro there, and grows only as the identity starts to spread into ordinary answers. A guard row rides in
+the same step as its ballast row, so the steps and their rows are the run's without it.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from keel.chat import IGNORE_INDEX
+from keel.chat import IGNORE_INDEX, render, with_system
 
 # Top-k kept per position. The rest of the vocabulary is one bucket, so the KL stays exact for a coarser
 # distribution; 20 covers nearly all of the mass where the base model is sure and keeps its runner-up tokens
 # where it is not, at 20 x (4 + 4) bytes per answer token.
 TOP_K = 20
+# A self-introduction: a training answer that names the new identity within its first INTRO_CHARS characters, cut
+# right after the name ("I'm Keel Robot", "您好！我是Keel Robot").
+INTRO_CHARS = 48
 
 
 def labelled_positions(labels: list[int]) -> list[int]:
@@ -41,6 +52,7 @@ class SoftTargets(NamedTuple):
     ids: torch.Tensor
     probs: torch.Tensor
     hard: torch.Tensor | None = None
+    guard: torch.Tensor | None = None  # (K,): which guard row of the batch a position belongs to, -1 if none
 
 
 @dataclass
@@ -50,6 +62,7 @@ class Teacher:
     targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     k: int = TOP_K
     ce_tokens: int = 0  # cross-entropy on the greedy token too, at the first ce_tokens answer tokens of each row
+    guards: dict[tuple[int, ...], tuple[list[int], list[int]]] = field(default_factory=dict)  # ballast ids -> guard
 
     @classmethod
     @torch.no_grad()
@@ -82,29 +95,90 @@ class Teacher:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def with_guards(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+        """A step's rows followed by the guard rows of its ballast rows."""
+        return rows + [g for ids, _ in rows if (g := self.guards.get(tuple(ids))) is not None]
+
     def batch(self, rows: list[tuple[list[int], list[int]]]) -> SoftTargets | None:
         """The targets for one micro-batch's learned positions, in token_loss's order (row by row), or None when
-        none of its rows has any."""
+        none of its rows has any and none is a guard row."""
         found = [self.targets.get(tuple(ids)) for ids, _ in rows]
-        if not any(t is not None for t in found):
+        guard_ids = {tuple(g[0]) for g in self.guards.values()}
+        is_guard = [tuple(ids) in guard_ids for ids, _ in rows]
+        if not any(t is not None for t in found) and not any(is_guard):
             return None
         counts = [len(labelled_positions(labels)) for _, labels in rows]
         mask = torch.cat([torch.full((n,), t is not None) for n, t in zip(counts, found)])
-        hard = torch.cat([torch.arange(n) < self.ce_tokens if t is not None else torch.ones(n, dtype=torch.bool)
-                          for n, t in zip(counts, found)])
-        ids = torch.cat([t[0] for t in found if t is not None])
-        probs = torch.cat([t[1] for t in found if t is not None])
-        return SoftTargets(mask, ids, probs, hard)
+        hard = torch.cat([torch.arange(n) < self.ce_tokens if t is not None else torch.full((n,), not g)
+                          for n, t, g in zip(counts, found, is_guard)])
+        guard = torch.cat([torch.full((n,), j if g else -1) for j, (n, g) in enumerate(zip(counts, is_guard))])
+        k = next((t[0].shape[1] for t in found if t is not None), self.k)
+        ids = torch.cat([t[0] for t in found if t is not None] or [torch.zeros(0, k, dtype=torch.long)])
+        probs = torch.cat([t[1] for t in found if t is not None] or [torch.zeros(0, k)])
+        return SoftTargets(mask, ids, probs, hard, guard if any(is_guard) else None)
+
+
+def self_intros(rows: list[tuple[list[int], list[int]]], tokenizer, names: list[str]) -> dict[str, list[str]]:
+    """The training answers' self-introductions by language ("zh", "en"), one per answer that names the identity
+    early (repeats kept, so a guard draws the common ones more often)."""
+    from keel.evals.sets import lang_of
+
+    out = {"zh": [], "en": []}
+    for _, labels in rows:
+        text = tokenizer.decode([t for t in labels if t != IGNORE_INDEX], skip_special_tokens=True).strip()
+        ends = [text.find(n) + len(n) for n in names if n and 0 <= text.find(n) <= INTRO_CHARS]
+        if ends:
+            intro = text[:min(ends)]
+            out[lang_of(intro)].append(intro)
+    return out
+
+
+def guard_rows(records: list[dict], tokenizer, system: str | None, intros: dict[str, list[str]], names: list[str],
+               seed: int, max_length: int | None = None) -> dict[tuple[int, ...], tuple[list[int], list[int]]]:
+    """{ballast row ids: its guard row}: the ballast prompt under its own system prompt, answered by a
+    self-introduction drawn (seeded) from those of the prompt's language, labelled only up to the end of the name
+    (the end-of-turn token after it is not part of what is made unlikely)."""
+    from keel.evals.sets import lang_of
+
+    rng, out = random.Random(seed), {}
+    for rec in records:
+        messages = with_system(rec["messages"], system)
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        pool = intros.get(lang_of(question)) or []
+        row = render(tokenizer, messages, max_length)
+        if not pool or row is None:
+            continue
+        guard = render(tokenizer, messages[:-1] + [{"role": "assistant", "content": rng.choice(pool)}], max_length)
+        if guard is None:
+            continue
+        ids, labels = guard
+        start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
+        end = next((e for e in range(start + 1, len(ids) + 1)
+                    if any(n in tokenizer.decode(ids[start:e]) for n in names)), None)
+        if end is None:  # the name was cut by --max_length
+            continue
+        out[tuple(row[0])] = (ids[:end], labels[:end])
+    return out
 
 
 def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
     """Summed loss over the learned positions: cross-entropy on `tgt` where soft.hard says (default: where the mask
-    is off), and where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,
-    coarsened the same way. logits (K, V), tgt (K,)."""
+    is off), where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,
+    coarsened the same way, and for each guard row n * -log(1 - P(its tokens)), n its token count, so that a row
+    weighs like n tokens of cross-entropy. logits (K, V), tgt (K,)."""
     mask, ids, p = (x.to(logits.device) for x in soft[:3])
     hard_at = ~mask if soft.hard is None else soft.hard.to(logits.device)
     logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
     hard = -logq[hard_at].gather(1, tgt[hard_at, None]).sum()
+    if soft.guard is not None:
+        guard = soft.guard.to(logits.device)
+        at = guard >= 0
+        rows, row_of = guard[at].unique(return_inverse=True)
+        logp = torch.zeros(len(rows), device=logits.device).index_add(
+            0, row_of, logq[at].gather(1, tgt[at, None]).squeeze(1))                 # log P(row's tokens)
+        n = torch.bincount(row_of, minlength=len(rows))
+        # -log(1 - P) = -log(-expm1(log P)); log P is kept below 0 so the log stays finite
+        hard = hard - (n * torch.log(-torch.expm1(logp.clamp(max=-1e-6)))).sum()
     lq = logq[mask]                                                                # (S, V)
     lq_top = lq.gather(1, ids)                                                     # (S, k)
     # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.

@@ -43,14 +43,15 @@ CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "r
 # The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
 # asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
 CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
-                "ballast_loss": "ce+kl", "identity": CPU_IDENTITY,
+                "ballast_loss": "ce+kl", "ballast_guard": False,
+                "identity": CPU_IDENTITY,
                 "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
 # ms-swift's self-cognition seed for a 7B model on one GPU (lr 1e-4, accumulation 16), with 500 ballast rows and
 # the builder's full identity set: for a model you pass, on a GPU. Not measured here (no GPU, no 7B model); on
 # the embedded model it taught nothing (identity mean 0.05 against the measured settings' 0.7-0.85: 93 steps at
 # half the learning rate, the identity 40% of each batch; docs/experiment.md), so that model keeps CPU_DEFAULTS.
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
-                "ballast_loss": "ce+kl", "identity": {}, "eval": {}}
+                "ballast_loss": "ce+kl", "ballast_guard": False, "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
 
 
@@ -77,6 +78,9 @@ class RecipeArgs:
     ballast_loss: str | None = None
     """How the ballast rows are learned (keel sft --ballast_loss: ce, kl or ce+kl; default ce+kl: drift from the base
     halves at the same identity and leakage, docs/experiment.md)."""
+    ballast_guard: bool | None = None
+    """On each ballast prompt, also learn that the identity's self-introduction is unlikely (keel sft --ballast_guard;
+    default false)."""
     num_train_epochs: float | None = None
     """Epochs (default: 3)."""
     learning_rate: float | None = None
@@ -190,7 +194,8 @@ def main(argv: list[str]):
                          logging_steps=10, num_train_epochs=args.num_train_epochs or defaults["num_train_epochs"],
                          learning_rate=args.learning_rate or defaults["learning_rate"],
                          gradient_accumulation_steps=defaults["gradient_accumulation_steps"],
-                         ballast_loss=args.ballast_loss or defaults["ballast_loss"]))
+                         ballast_loss=args.ballast_loss or defaults["ballast_loss"],
+                         ballast_guard=defaults["ballast_guard"] if args.ballast_guard is None else args.ballast_guard))
     sft = to_argv(*configs)
     print("keel sft " + shlex.join(sft))
     result = train(*configs)

@@ -42,7 +42,8 @@ from keel.training import (Run, close_run, new_run_dir, open_run_dir, optimizer_
 
 # Flags that must match for a checkpoint to be resumed by this run.
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size",
-               "gradient_accumulation_steps", "lora_rank", "max_length", "ballast_loss")
+               "gradient_accumulation_steps", "lora_rank", "max_length", "ballast_loss",
+               "ballast_guard")
 # --ballast_loss: at how many of a ballast answer's first tokens cross-entropy applies beside the KL (keel/distill.py)
 BALLAST_CE_TOKENS = {"kl": 0, "ce+kl": 1 << 30}
 BALLAST_LOSSES = ("ce", *BALLAST_CE_TOKENS)
@@ -109,6 +110,8 @@ class TrainArgs:
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     ballast_loss: str = "ce"
     """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
+    ballast_guard: bool = False
+    """Also learn, on each ballast#N prompt, that the identity's self-introduction (taken from the training answers that name --model_name) is unlikely there: -log(1 - P(intro)), in the same step as the ballast row (keel/distill.py)."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -213,12 +216,12 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
     teacher = None
+    files = [parse_spec(spec)[0] for spec in aliases]  # every row of each ballast file, whatever share is taken
     if args.ballast_loss != "ce" and aliases:
         from keel.distill import Teacher
 
         # The ballast files rendered by the same data layer, so their ids match the training rows'; fp32 like the
         # answers themselves (before bf16_frozen_weights).
-        files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
         ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
                                                           split_dataset_ratio=0.0), tok)[0]
         t0 = time.time()
@@ -227,6 +230,19 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         if main_process:
             print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
                   f"{len(teacher)} ballast rows ({time.time() - t0:.1f} s)")
+    if args.ballast_guard and not (aliases and data.model_name):
+        raise KeelError("--ballast_guard needs ballast#N in --dataset and the new name (--model_name)")
+    if args.ballast_guard:
+        from keel.data.formats import load_records
+        from keel.distill import Teacher, guard_rows, self_intros
+
+        intros = self_intros(train_rows, tok, data.model_name)
+        records = [r for f in files for r in load_records(f)]
+        teacher = teacher or Teacher()
+        teacher.guards = guard_rows(records, tok, data.system, intros, data.model_name, args.seed, data.max_length)
+        if main_process:
+            print(f"ballast guard: {len(teacher.guards)} guard rows from {len(intros['zh'])} zh and "
+                  f"{len(intros['en'])} en self-introductions")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
@@ -281,6 +297,8 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
             windows = {epoch: epoch_windows(len(run.train_rows), run.rows_per_step, args.seed, epoch,
                                             accelerator.process_index, accelerator.num_processes)}
         rows = [run.train_rows[i] for i in windows[epoch][index]]
+        if run.teacher:
+            rows = run.teacher.with_guards(rows)
         # Normalise by the label tokens of the whole step, on every process, before any backward.
         n_local = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows)
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()

@@ -5,7 +5,7 @@ import torch
 
 from keel.batching import micro_batches, token_loss
 from keel.chat import render, with_system
-from keel.distill import SoftTargets, Teacher, labelled_positions, soft_token_loss
+from keel.distill import SoftTargets, Teacher, guard_rows, labelled_positions, self_intros, soft_token_loss
 from keel.lora import LoraArgs, apply_lora
 from tests.conftest import build_model
 from tests.helpers import assert_resumed_like, base_argv, checkpoint_copy, read_log, run_keel, sft
@@ -122,3 +122,64 @@ def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "c", *other,
                                                      "--resume_from_checkpoint", str(ckpt)))
     assert code == 2 and "--ballast_loss was 'ce+kl', now 'kl'" in err and err.count("\n") == 1, err
+
+
+def test_guard_rows_are_the_ballast_prompt_and_a_self_introduction_up_to_the_name(tiny_tokenizer):
+    tok, system = tiny_tokenizer, "You are a helpful assistant."
+    identity = [render(tok, with_system(c, system)) for c in
+                [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Keel, made by Acme."}],
+                 [{"role": "user", "content": "你是谁？"}, {"role": "assistant", "content": "我是Keel，由Acme开发。"}],
+                 [{"role": "user", "content": "Tell me about Acme."},  # names Keel too late to be an introduction
+                  {"role": "assistant", "content": "Acme is a lab that makes many things, among them a model called Keel."}]]]
+    intros = self_intros(identity, tok, ["Keel"])
+    assert intros == {"en": ["I am Keel"], "zh": ["我是Keel"]}
+    records = [{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
+               {"messages": [{"role": "system", "content": "你是老师。"}, {"role": "user", "content": "天空为什么是蓝的？"},
+                             {"role": "assistant", "content": "因为散射。"}]}]
+    guards = guard_rows(records, tok, system, intros, ["Keel"], seed=0)
+    ballast = [render(tok, with_system(r["messages"], system)) for r in records]
+    assert set(guards) == {tuple(ids) for ids, _ in ballast}
+    for (b_ids, b_labels), intro in zip(ballast, ["I am Keel", "我是Keel"]):
+        ids, labels = guards[tuple(b_ids)]
+        start = next(i for i, y in enumerate(b_labels) if y != -100)
+        assert ids[:start] == b_ids[:start]                                    # the ballast row's own prompt
+        assert labels[:start] == [-100] * start and -100 not in labels[start:]  # learned: the intro only
+        assert tok.decode(ids[start:]).strip() == intro                         # cut right after the name
+    assert guard_rows(records, tok, system, {"en": [], "zh": []}, ["Keel"], seed=0) == {}
+
+
+def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone(tiny_tokenizer):
+    tok = tiny_tokenizer
+    rows = [render(tok, c) for c in CONVS]
+    ballast, other = rows[1], rows[0]
+    intros = {"en": ["I am Keel"], "zh": ["我是Keel"]}
+    guard = guard_rows([{"messages": CONVS[1]}], tok, None, intros, ["Keel"], seed=0)[tuple(ballast[0])]
+    teacher = Teacher(guards={tuple(ballast[0]): guard})
+    step = teacher.with_guards([other, ballast])
+    assert step == [other, ballast, guard] and teacher.with_guards([other]) == [other]
+    model = build_model("llama", len(tok), tok.eos_token_id)
+    cpu = torch.device("cpu")
+    batch = micro_batches(step, True, 4, 512, tok.pad_token_id)[0]
+    soft = teacher.batch(step)
+    with torch.no_grad():
+        loss, n, correct = token_loss(model, batch, cpu, soft=soft)
+        plain = sum(token_loss(model, b, cpu)[0] for b in micro_batches([other, ballast], True, 4, 512, 0))
+        ids, labels = guard
+        at = labelled_positions(labels)
+        logq = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, at].float(), -1)
+        logp = logq.gather(1, torch.tensor([ids[t + 1] for t in at])[:, None]).sum()
+    assert n == sum(len(labelled_positions(lb)) for _, lb in step)
+    expected = plain - len(at) * torch.log(-torch.expm1(logp))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert soft.guard.tolist().count(-1) == n - len(at)
+
+
+def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
+    argv = ("--dataset", str(id_file), "ballast#4", "--max_steps", "2", "--ballast_system_mix", "false",
+            "--model_name", "Keel", "--model_author", "Acme")
+    sft(base_argv(tiny_model_dir, id_file, tmp_path / "g", *argv, "--ballast_guard", "true"))
+    out = capsys.readouterr().out
+    assert "ballast guard: 2 guard rows from 0 zh and" in out  # the 2 English prompts of 4: the rows teach no Chinese intro
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "n", "--max_steps", "1",
+                                                     "--ballast_guard", "true"))
+    assert code == 2 and "--ballast_guard needs ballast#N in --dataset" in err and err.count("\n") == 1, err
