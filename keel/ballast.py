@@ -141,6 +141,28 @@ def cached_answers(model, tokenizer, pairs: list[tuple[str | None, str]], max_ne
     return {pair: answers[json.dumps(conv, ensure_ascii=False)] for pair, conv in convs.items()}
 
 
+def assign_systems(n: int, system: str | None, systems: tuple[list[str | None], list[str]] | None,
+                   rng: random.Random) -> list[str | None]:
+    """The system prompt of each of n rows: with systems (system_mix's (main, pool)) the main conditions in turn
+    and, as the last slot of each round, one drawn from the pool; else `system` for all."""
+    if not systems:
+        return [system] * n
+    main, pool = systems[0], systems[1] or systems[0][:1]
+    rnd = len(main) + 1
+    return [main[i % rnd] if i % rnd < len(main) else rng.choice(pool) for i in range(n)]
+
+
+def spare_conversations(used: set[str], n: int, system: str | None, seed: int,
+                        systems: tuple[list[str | None], list[str]] | None = None) -> list[list[dict]]:
+    """n conversations (system prompt + one user turn) on built-in prompts outside `used` (the ballast's own),
+    as many Chinese as English as far as each has prompts, under the ballast's system prompts: the guard rows'
+    prompts (--ballast_guard), ordinary questions the model is not trained to answer in any particular way."""
+    rng = random.Random(seed)
+    chosen = draw([p for p in builtin_prompts() if p not in used], n, rng, balance=True)
+    return [with_system([{"role": "user", "content": p}], s)
+            for s, p in zip(assign_systems(len(chosen), system, systems, rng), chosen)]
+
+
 def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
                     max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False,
                     systems: tuple[list[str | None], list[str]] | None = None) -> list[dict]:
@@ -155,14 +177,7 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
         print(f"ballast: {n} rows asked, {len(prompts)} prompts available: using all {len(prompts)}")
     rng = random.Random(seed)
     chosen = draw(prompts, n, rng, balance=builtin)  # your own prompts are taken as they come
-    if systems:
-        # Rotate over the main conditions; the last slot of each round draws from the pool.
-        main, pool = systems[0], systems[1] or systems[0][:1]
-        rnd = len(main) + 1
-        assigned = [main[i % rnd] if i % rnd < len(main) else rng.choice(pool) for i in range(len(chosen))]
-    else:
-        assigned = [system] * len(chosen)
-    slots = list(zip(assigned, chosen))
+    slots = list(zip(assign_systems(len(chosen), system, systems, rng), chosen))
     answers = cached_answers(model, tokenizer, slots, max_new_tokens, batch_size)
     # A slot whose answer is unusable (cut off with no full sentence, or naming the base's identity, which must not
     # be taught back) goes to an unused prompt of the same language under the same system prompt, so ballast#N keeps

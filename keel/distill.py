@@ -12,12 +12,13 @@ over the ballast rows before training (adapters off), so training costs nothing 
     teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
     loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
 
-Guard rows (--ballast_guard): each ballast prompt, under its own system prompt, followed by one of the training
-answers' self-introductions ("我是Keel Robot") and learned as unlikely: -log(1 - P(intro | prompt)) per row. The
-leaks measured on the embedded model open ordinary answers with the identity's self-introduction; cross-entropy on
-the base model's answer never sees that path, so nothing pushes it down. The term is ~0 while the model would not
-say the intro there, and grows only as the identity starts to spread into ordinary answers. A guard row rides in
-the same step as its ballast row, so the steps and their rows are the run's without it.
+Guard rows (--ballast_guard K): K ordinary prompts per ballast row that no ballast row uses, each followed by one of
+the training answers' self-introductions ("我是Keel Robot") and learned as unlikely: -n log(1 - P(intro | prompt)).
+The leaks measured on the embedded model open ordinary answers with the identity's self-introduction, on prompts
+that training never saw. On the ballast's own prompts the term stays ~0 (their answers are learned, so the intro
+never becomes likely there; measured), so the guards ask other prompts. The term is ~0 while the model would not
+say the intro, and grows only as the identity starts to spread. Guard rows ride in the same step as a ballast row,
+so the steps and their rows are the run's without them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import NamedTuple
 
 import torch
 
-from keel.chat import IGNORE_INDEX, render, with_system
+from keel.chat import IGNORE_INDEX, render
 
 # Top-k kept per position. The rest of the vocabulary is one bucket, so the KL stays exact for a coarser
 # distribution; 20 covers nearly all of the mass where the base model is sure and keeps its runner-up tokens
@@ -62,7 +63,7 @@ class Teacher:
     targets: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     k: int = TOP_K
     ce_tokens: int = 0  # cross-entropy on the greedy token too, at the first ce_tokens answer tokens of each row
-    guards: dict[tuple[int, ...], tuple[list[int], list[int]]] = field(default_factory=dict)  # ballast ids -> guard
+    guards: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = field(default_factory=dict)  # ballast ids -> rows
 
     @classmethod
     @torch.no_grad()
@@ -97,13 +98,13 @@ class Teacher:
 
     def with_guards(self, rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
         """A step's rows followed by the guard rows of its ballast rows."""
-        return rows + [g for ids, _ in rows if (g := self.guards.get(tuple(ids))) is not None]
+        return rows + [g for ids, _ in rows for g in self.guards.get(tuple(ids), [])]
 
     def batch(self, rows: list[tuple[list[int], list[int]]]) -> SoftTargets | None:
         """The targets for one micro-batch's learned positions, in token_loss's order (row by row), or None when
         none of its rows has any and none is a guard row."""
         found = [self.targets.get(tuple(ids)) for ids, _ in rows]
-        guard_ids = {tuple(g[0]) for g in self.guards.values()}
+        guard_ids = {tuple(g[0]) for gs in self.guards.values() for g in gs}
         is_guard = [tuple(ids) in guard_ids for ids, _ in rows]
         if not any(t is not None for t in found) and not any(is_guard):
             return None
@@ -133,31 +134,27 @@ def self_intros(rows: list[tuple[list[int], list[int]]], tokenizer, names: list[
     return out
 
 
-def guard_rows(records: list[dict], tokenizer, system: str | None, intros: dict[str, list[str]], names: list[str],
-               seed: int, max_length: int | None = None) -> dict[tuple[int, ...], tuple[list[int], list[int]]]:
-    """{ballast row ids: its guard row}: the ballast prompt under its own system prompt, answered by a
-    self-introduction drawn (seeded) from those of the prompt's language, labelled only up to the end of the name
-    (the end-of-turn token after it is not part of what is made unlikely)."""
+def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, list[str]], names: list[str],
+               seed: int, max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """One guard row per conversation (system prompt + user turn): answered by a self-introduction drawn (seeded)
+    from those of the question's language, labelled only up to the end of the name (the end-of-turn token after it
+    is not part of what is made unlikely). A conversation whose language has no self-introduction gives none."""
     from keel.evals.sets import lang_of
 
-    rng, out = random.Random(seed), {}
-    for rec in records:
-        messages = with_system(rec["messages"], system)
+    rng, out = random.Random(seed), []
+    for messages in conversations:
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         pool = intros.get(lang_of(question)) or []
-        row = render(tokenizer, messages, max_length)
-        if not pool or row is None:
-            continue
-        guard = render(tokenizer, messages[:-1] + [{"role": "assistant", "content": rng.choice(pool)}], max_length)
+        guard = render(tokenizer, messages + [{"role": "assistant", "content": rng.choice(pool)}], max_length) \
+            if pool else None
         if guard is None:
             continue
         ids, labels = guard
         start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
         end = next((e for e in range(start + 1, len(ids) + 1)
                     if any(n in tokenizer.decode(ids[start:e]) for n in names)), None)
-        if end is None:  # the name was cut by --max_length
-            continue
-        out[tuple(row[0])] = (ids[:end], labels[:end])
+        if end is not None:  # None: the name was cut by --max_length
+            out.append((ids[:end], labels[:end]))
     return out
 
 

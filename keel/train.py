@@ -110,8 +110,8 @@ class TrainArgs:
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     ballast_loss: str = "ce"
     """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
-    ballast_guard: bool = False
-    """Also learn, on each ballast#N prompt, that the identity's self-introduction (taken from the training answers that name --model_name) is unlikely there: -log(1 - P(intro)), in the same step as the ballast row (keel/distill.py)."""
+    ballast_guard: int = 0
+    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the identity's self-introduction (from the training answers that name --model_name), learned as unlikely: -n log(1 - P(intro)), in the same step as a ballast row (keel/distill.py). 0: none."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -137,7 +137,8 @@ class TrainArgs:
                    f"--lr_scheduler_type must be cosine, linear or constant, got '{self.lr_scheduler_type}'"),
                   (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
                    "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
-                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16")]
+                  (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16"),
+                  (self.ballast_guard >= 0, f"--ballast_guard must be >= 0, got {self.ballast_guard}")]
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
@@ -215,16 +216,16 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     train_rows, val_rows, manifest = build_datasets(dataclasses.replace(data, dataset=specs), tok)
     for entry in manifest["sources"]:
         entry["spec"] = aliases.get(entry["spec"], entry["spec"])
-    teacher = None
-    files = [parse_spec(spec)[0] for spec in aliases]  # every row of each ballast file, whatever share is taken
+    teacher, ballast_rows = None, []
+    if aliases and (args.ballast_loss != "ce" or args.ballast_guard):
+        # The ballast files rendered by the same data layer, so their ids match the training rows'.
+        files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
+        ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
+                                                          split_dataset_ratio=0.0), tok)[0]
     if args.ballast_loss != "ce" and aliases:
         from keel.distill import Teacher
 
-        # The ballast files rendered by the same data layer, so their ids match the training rows'; fp32 like the
-        # answers themselves (before bf16_frozen_weights).
-        ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
-                                                          split_dataset_ratio=0.0), tok)[0]
-        t0 = time.time()
+        t0 = time.time()  # fp32 like the answers themselves (before bf16_frozen_weights)
         teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss],
                              pack_tokens=args.packing_length)
         if main_process:
@@ -233,15 +234,19 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     if args.ballast_guard and not (aliases and data.model_name):
         raise KeelError("--ballast_guard needs ballast#N in --dataset and the new name (--model_name)")
     if args.ballast_guard:
+        from keel.ballast import model_mix, spare_conversations
         from keel.data.formats import load_records
         from keel.distill import Teacher, guard_rows, self_intros
 
+        used = {m["content"] for f in files for r in load_records(f) for m in r["messages"] if m["role"] == "user"}
+        convs = spare_conversations(used, args.ballast_guard * len(ballast_rows), data.system, args.seed,
+                                    model_mix(data.system, tok) if data.ballast_system_mix else None)
         intros = self_intros(train_rows, tok, data.model_name)
-        records = [r for f in files for r in load_records(f)]
+        guards = guard_rows(convs, tok, intros, data.model_name, args.seed, data.max_length)
         teacher = teacher or Teacher()
-        teacher.guards = guard_rows(records, tok, data.system, intros, data.model_name, args.seed, data.max_length)
+        teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
         if main_process:
-            print(f"ballast guard: {len(teacher.guards)} guard rows from {len(intros['zh'])} zh and "
+            print(f"ballast guard: {len(guards)} guard rows on spare prompts, from {len(intros['zh'])} zh and "
                   f"{len(intros['en'])} en self-introductions")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)

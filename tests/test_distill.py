@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from keel.batching import micro_batches, token_loss
-from keel.chat import render, with_system
+from keel.ballast import builtin_prompts, spare_conversations
+from keel.chat import prompt_ids, render, with_system
+from keel.evals.sets import lang_of
 from keel.distill import SoftTargets, Teacher, guard_rows, labelled_positions, self_intros, soft_token_loss
 from keel.lora import LoraArgs, apply_lora
 from tests.conftest import build_model
@@ -124,7 +126,7 @@ def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_
     assert code == 2 and "--ballast_loss was 'ce+kl', now 'kl'" in err and err.count("\n") == 1, err
 
 
-def test_guard_rows_are_the_ballast_prompt_and_a_self_introduction_up_to_the_name(tiny_tokenizer):
+def test_guard_rows_are_a_prompt_and_a_self_introduction_up_to_the_name(tiny_tokenizer):
     tok, system = tiny_tokenizer, "You are a helpful assistant."
     identity = [render(tok, with_system(c, system)) for c in
                 [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Keel, made by Acme."}],
@@ -133,19 +135,29 @@ def test_guard_rows_are_the_ballast_prompt_and_a_self_introduction_up_to_the_nam
                   {"role": "assistant", "content": "Acme is a lab that makes many things, among them a model called Keel."}]]]
     intros = self_intros(identity, tok, ["Keel"])
     assert intros == {"en": ["I am Keel"], "zh": ["我是Keel"]}
-    records = [{"messages": [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "Paris."}]},
-               {"messages": [{"role": "system", "content": "你是老师。"}, {"role": "user", "content": "天空为什么是蓝的？"},
-                             {"role": "assistant", "content": "因为散射。"}]}]
-    guards = guard_rows(records, tok, system, intros, ["Keel"], seed=0)
-    ballast = [render(tok, with_system(r["messages"], system)) for r in records]
-    assert set(guards) == {tuple(ids) for ids, _ in ballast}
-    for (b_ids, b_labels), intro in zip(ballast, ["I am Keel", "我是Keel"]):
-        ids, labels = guards[tuple(b_ids)]
-        start = next(i for i, y in enumerate(b_labels) if y != -100)
-        assert ids[:start] == b_ids[:start]                                    # the ballast row's own prompt
-        assert labels[:start] == [-100] * start and -100 not in labels[start:]  # learned: the intro only
-        assert tok.decode(ids[start:]).strip() == intro                         # cut right after the name
-    assert guard_rows(records, tok, system, {"en": [], "zh": []}, ["Keel"], seed=0) == {}
+    convs = [with_system([{"role": "user", "content": "Capital of France?"}], system),
+             [{"role": "system", "content": "你是老师。"}, {"role": "user", "content": "天空为什么是蓝的？"}]]
+    guards = guard_rows(convs, tok, intros, ["Keel"], seed=0)
+    assert len(guards) == 2
+    for (ids, labels), conv, intro in zip(guards, convs, ["I am Keel", "我是Keel"]):
+        prompt = prompt_ids(tok, conv)
+        assert ids[:len(prompt)] == prompt                                              # the prompt as asked
+        assert labels[:len(prompt)] == [-100] * len(prompt) and -100 not in labels[len(prompt):]  # learned: the intro
+        assert tok.decode(ids[len(prompt):]).strip() == intro                            # cut right after the name
+    assert guard_rows(convs, tok, {"en": ["I am Keel"], "zh": []}, ["Keel"], seed=0) == guards[:1]
+
+
+def test_spare_conversations_avoid_the_ballast_prompts_and_balance_languages():
+    prompts = builtin_prompts()
+    used = set(prompts[:40])
+    convs = spare_conversations(used, 20, "S", seed=3)
+    asked = [c[-1]["content"] for c in convs]
+    assert len(set(asked)) == 20 and not used & set(asked)
+    assert sum(lang_of(q) == "zh" for q in asked) == 10
+    assert all(c[0] == {"role": "system", "content": "S"} for c in convs)
+    mixed = spare_conversations(used, 20, "S", seed=3, systems=(["S", "", "H"], ["P1", "P2"]))
+    assert [c[0]["content"] for c in mixed[:4]] == ["S", "", "H", mixed[3][0]["content"]]
+    assert mixed[3][0]["content"] in ("P1", "P2")
 
 
 def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone(tiny_tokenizer):
@@ -153,8 +165,8 @@ def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone
     rows = [render(tok, c) for c in CONVS]
     ballast, other = rows[1], rows[0]
     intros = {"en": ["I am Keel"], "zh": ["我是Keel"]}
-    guard = guard_rows([{"messages": CONVS[1]}], tok, None, intros, ["Keel"], seed=0)[tuple(ballast[0])]
-    teacher = Teacher(guards={tuple(ballast[0]): guard})
+    guard = guard_rows([[{"role": "user", "content": "Name a colour."}]], tok, intros, ["Keel"], seed=0)[0]
+    teacher = Teacher(guards={tuple(ballast[0]): [guard]})
     step = teacher.with_guards([other, ballast])
     assert step == [other, ballast, guard] and teacher.with_guards([other]) == [other]
     model = build_model("llama", len(tok), tok.eos_token_id)
@@ -177,9 +189,10 @@ def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone
 def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
     argv = ("--dataset", str(id_file), "ballast#4", "--max_steps", "2", "--ballast_system_mix", "false",
             "--model_name", "Keel", "--model_author", "Acme")
-    sft(base_argv(tiny_model_dir, id_file, tmp_path / "g", *argv, "--ballast_guard", "true"))
+    sft(base_argv(tiny_model_dir, id_file, tmp_path / "g", *argv, "--ballast_guard", "2"))
     out = capsys.readouterr().out
-    assert "ballast guard: 2 guard rows from 0 zh and" in out  # the 2 English prompts of 4: the rows teach no Chinese intro
+    # 8 spare prompts, half of them Chinese: the English-only identity rows give no Chinese self-introduction
+    assert "ballast guard: 4 guard rows on spare prompts, from 0 zh and" in out
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "n", "--max_steps", "1",
-                                                     "--ballast_guard", "true"))
+                                                     "--ballast_guard", "1"))
     assert code == 2 and "--ballast_guard needs ballast#N in --dataset" in err and err.count("\n") == 1, err
