@@ -183,7 +183,25 @@ def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone
     assert n == sum(len(labelled_positions(lb)) for _, lb in step)
     expected = plain - len(at) * torch.log(-torch.expm1(logp))
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert soft.guard.tolist().count(-1) == n - len(at)
+    assert soft.guard.tolist() == [-1] * (n - len(at)) + [2] * len(at)  # the third row's positions, last
+
+
+def test_guard_term_by_hand_where_the_intro_is_likely():
+    """Two guard rows of 2 and 3 tokens whose intro is likely (P = 0.5^2 and 0.8^3), beside a cross-entropy row."""
+    v = 6
+    tgt = torch.tensor([1, 2, 3, 4, 5, 0])
+    probs = torch.full((6, v), 0.1)
+    probs[1:3], probs[3:6] = 0.1, 0.04
+    for i, (t, p) in enumerate(zip(tgt.tolist(), [0.3, 0.5, 0.5, 0.8, 0.8, 0.8])):
+        probs[i, t] = p
+    logits = (probs / probs.sum(-1, keepdim=True)).log()
+    q = torch.softmax(logits, -1)
+    soft = SoftTargets(torch.zeros(6, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3),
+                       torch.tensor([True] + [False] * 5), torch.tensor([-1, 4, 4, 7, 7, 7]))
+    p_a, p_b = q[1, 2] * q[2, 3], q[3, 4] * q[4, 5] * q[5, 0]
+    expected = -torch.log(q[0, 1]) - 2 * torch.log(1 - p_a) - 3 * torch.log(1 - p_b)
+    assert soft_token_loss(logits, tgt, soft).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert p_b.item() == pytest.approx(0.8 ** 3 / 1.0, rel=0.05)  # the term is large here, not ~0
 
 
 def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
