@@ -135,7 +135,7 @@ def token_loss(model, batch: dict, device, labelled_only: bool = True, soft=None
         loss = torch.nn.functional.cross_entropy(logits.float(), tgt, reduction="sum")
     right = logits.argmax(-1) == tgt
     if soft is not None and soft.guard is not None:  # a guard row's tokens are what the model should not say
-        right &= soft.guard.to(right.device) < 0
+        right &= ~soft.guard.to(right.device)
     return loss, tgt.numel(), right.sum().item()
 
 

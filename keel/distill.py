@@ -12,13 +12,15 @@ over the ballast rows before training (adapters off), so training costs nothing 
     teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
     loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
 
-Guard rows (--ballast_guard K): K ordinary prompts per ballast row that no ballast row uses, each followed by one of
-the training answers' self-introductions ("我是Keel Robot") and learned as unlikely: -n log(1 - P(intro | prompt)).
-The leaks measured on the embedded model open ordinary answers with the identity's self-introduction, on prompts
-that training never saw. On the ballast's own prompts the term stays ~0 (their answers are learned, so the intro
-never becomes likely there; measured), so the guards ask other prompts. The term is ~0 while the model would not
-say the intro, and grows only as the identity starts to spread. Guard rows ride in the same step as a ballast row,
-so the steps and their rows are the run's without them.
+Guard rows (--ballast_guard K): K ordinary prompts per ballast row that no ballast row uses, each followed by the
+opening of one of the training answers' self-introductions ("我是" of "我是Keel Robot"), and the name's first token
+learned as unlikely there: -log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open
+ordinary answers with the self-introduction, on prompts training never saw: after "我是" the name follows whatever
+was asked. Two weaker forms were measured and did nothing: the whole intro's probability, -n log(1 - P(intro)),
+which stays small even where greedy decoding says it (a product of several tokens' probabilities), and guards on
+the ballast's own prompts, whose answers are learned. The term is ~0 where the model would not say the name, and
+grows as the identity spreads. Guard rows ride in the same step as a ballast row, so the steps and their rows are
+the run's without them.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class SoftTargets(NamedTuple):
     ids: torch.Tensor
     probs: torch.Tensor
     hard: torch.Tensor | None = None
-    guard: torch.Tensor | None = None  # (K,): which guard row of the batch a position belongs to, -1 if none
+    guard: torch.Tensor | None = None  # (K,) bool: the positions whose token is learned as unlikely
 
 
 @dataclass
@@ -112,7 +114,7 @@ class Teacher:
         mask = torch.cat([torch.full((n,), t is not None) for n, t in zip(counts, found)])
         hard = torch.cat([torch.arange(n) < self.ce_tokens if t is not None else torch.full((n,), not g)
                           for n, t, g in zip(counts, found, is_guard)])
-        guard = torch.cat([torch.full((n,), j if g else -1) for j, (n, g) in enumerate(zip(counts, is_guard))])
+        guard = torch.cat([torch.full((n,), g) for n, g in zip(counts, is_guard)])
         k = next((t[0].shape[1] for t in found if t is not None), self.k)
         ids = torch.cat([t[0] for t in found if t is not None] or [torch.zeros(0, k, dtype=torch.long)])
         probs = torch.cat([t[1] for t in found if t is not None] or [torch.zeros(0, k)])
@@ -134,48 +136,56 @@ def self_intros(rows: list[tuple[list[int], list[int]]], tokenizer, names: list[
     return out
 
 
+def name_start(tokenizer, ids: list[int], start: int, opening: str) -> int | None:
+    """The first position from `start` whose token says more than `opening`: the name's first token (or the
+    opening's end merged with it). A token that ends inside a multi-byte character decodes to U+FFFD; it belongs to
+    the opening while the characters before it are still the opening's."""
+    for e in range(start, len(ids)):
+        text = tokenizer.decode(ids[start:e + 1])
+        done = text.rstrip("\ufffd")
+        if not opening.startswith(done) or (done != text and done == opening):
+            return e
+    return None
+
+
 def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, list[str]], names: list[str],
                seed: int, max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
     """One guard row per conversation (system prompt + user turn): answered by a self-introduction drawn (seeded)
-    from those of the question's language, labelled only up to the end of the name (the end-of-turn token after it
-    is not part of what is made unlikely). A conversation whose language has no self-introduction gives none."""
+    from those of the question's language, up to and including the name's first token, which alone is labelled. A
+    conversation whose language has no self-introduction gives none."""
     from keel.evals.sets import lang_of
 
     rng, out = random.Random(seed), []
     for messages in conversations:
         question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
         pool = intros.get(lang_of(question)) or []
-        guard = render(tokenizer, messages + [{"role": "assistant", "content": rng.choice(pool)}], max_length) \
-            if pool else None
+        intro = rng.choice(pool) if pool else None
+        guard = render(tokenizer, messages + [{"role": "assistant", "content": intro}], max_length) if intro else None
         if guard is None:
             continue
         ids, labels = guard
+        opening = intro[:min(intro.find(n) for n in names if n in intro)]
         start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
-        end = next((e for e in range(start + 1, len(ids) + 1)
-                    if any(n in tokenizer.decode(ids[start:e]) for n in names)), None)
-        if end is not None:  # None: the name was cut by --max_length
-            out.append((ids[:end], labels[:end]))
+        at = name_start(tokenizer, ids, start, opening)
+        if at is not None:  # None: the name was cut by --max_length
+            out.append((ids[:at + 1], [IGNORE_INDEX] * at + [ids[at]]))
     return out
 
 
 def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
     """Summed loss over the learned positions: cross-entropy on `tgt` where soft.hard says (default: where the mask
     is off), where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,
-    coarsened the same way, and for each guard row n * -log(1 - P(its tokens)), n its token count, so that a row
-    weighs like n tokens of cross-entropy. logits (K, V), tgt (K,)."""
+    coarsened the same way, and at guard positions -log(1 - q(token)), the unlikelihood of the token. logits (K, V),
+    tgt (K,)."""
     mask, ids, p = (x.to(logits.device) for x in soft[:3])
     hard_at = ~mask if soft.hard is None else soft.hard.to(logits.device)
     logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
     hard = -logq[hard_at].gather(1, tgt[hard_at, None]).sum()
     if soft.guard is not None:
-        guard = soft.guard.to(logits.device)
-        at = guard >= 0
-        rows, row_of = guard[at].unique(return_inverse=True)
-        logp = torch.zeros(len(rows), device=logits.device).index_add(
-            0, row_of, logq[at].gather(1, tgt[at, None]).squeeze(1))                 # log P(row's tokens)
-        n = torch.bincount(row_of, minlength=len(rows))
-        # -log(1 - P) = -log(-expm1(log P)); log P is kept below 0 so the log stays finite
-        hard = hard - (n * torch.log(-torch.expm1(logp.clamp(max=-1e-6)))).sum()
+        at = soft.guard.to(logits.device)
+        logq_at = logq[at].gather(1, tgt[at, None])
+        # -log(1 - q) = -log(-expm1(log q)); log q is kept below 0 so the log stays finite
+        hard = hard - torch.log(-torch.expm1(logq_at.clamp(max=-1e-6))).sum()
     lq = logq[mask]                                                                # (S, V)
     lq_top = lq.gather(1, ids)                                                     # (S, k)
     # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.

@@ -111,7 +111,7 @@ class TrainArgs:
     ballast_loss: str = "ce"
     """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
     ballast_guard: int = 0
-    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the identity's self-introduction (from the training answers that name --model_name), learned as unlikely: -n log(1 - P(intro)), in the same step as a ballast row (keel/distill.py). 0: none."""
+    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the opening of a self-introduction from the training answers that name --model_name ("I am"), and the name learned as unlikely there: -log(1 - q(name)), in the same step as a ballast row (keel/distill.py). 0: none."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None

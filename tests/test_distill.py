@@ -126,7 +126,7 @@ def test_resume_with_ballast_kl_reproduces_the_run(tiny_model_dir, id_file, tmp_
     assert code == 2 and "--ballast_loss was 'ce+kl', now 'kl'" in err and err.count("\n") == 1, err
 
 
-def test_guard_rows_are_a_prompt_and_a_self_introduction_up_to_the_name(tiny_tokenizer):
+def test_guard_rows_are_a_prompt_and_a_self_introduction_up_to_the_names_first_token(tiny_tokenizer):
     tok, system = tiny_tokenizer, "You are a helpful assistant."
     identity = [render(tok, with_system(c, system)) for c in
                 [[{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Keel, made by Acme."}],
@@ -139,11 +139,11 @@ def test_guard_rows_are_a_prompt_and_a_self_introduction_up_to_the_name(tiny_tok
              [{"role": "system", "content": "你是老师。"}, {"role": "user", "content": "天空为什么是蓝的？"}]]
     guards = guard_rows(convs, tok, intros, ["Keel"], seed=0)
     assert len(guards) == 2
-    for (ids, labels), conv, intro in zip(guards, convs, ["I am Keel", "我是Keel"]):
+    for (ids, labels), conv, opening in zip(guards, convs, ["I am ", "我是"]):
         prompt = prompt_ids(tok, conv)
-        assert ids[:len(prompt)] == prompt                                              # the prompt as asked
-        assert labels[:len(prompt)] == [-100] * len(prompt) and -100 not in labels[len(prompt):]  # learned: the intro
-        assert tok.decode(ids[len(prompt):]).strip() == intro                            # cut right after the name
+        assert ids[:len(prompt)] == prompt                                  # the prompt as asked, then the opening
+        assert labels == [-100] * (len(ids) - 1) + [ids[-1]]                # only the name's first token is learned
+        assert tok.decode(ids[len(prompt):-1]) == opening.strip() and "Keel".startswith(tok.decode(ids[-1:]).strip())
     assert guard_rows(convs, tok, {"en": ["I am Keel"], "zh": []}, ["Keel"], seed=0) == guards[:1]
 
 
@@ -160,7 +160,7 @@ def test_spare_conversations_avoid_the_ballast_prompts_and_balance_languages():
     assert mixed[3][0]["content"] in ("P1", "P2")
 
 
-def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone(tiny_tokenizer):
+def test_guard_loss_is_the_name_tokens_unlikelihood_and_leaves_other_rows_alone(tiny_tokenizer):
     tok = tiny_tokenizer
     rows = [render(tok, c) for c in CONVS]
     ballast, other = rows[1], rows[0]
@@ -174,34 +174,29 @@ def test_guard_loss_is_n_times_minus_log_one_minus_p_and_leaves_other_rows_alone
     batch = micro_batches(step, True, 4, 512, tok.pad_token_id)[0]
     soft = teacher.batch(step)
     with torch.no_grad():
-        loss, n, correct = token_loss(model, batch, cpu, soft=soft)
+        loss, n, _ = token_loss(model, batch, cpu, soft=soft)
         plain = sum(token_loss(model, b, cpu)[0] for b in micro_batches([other, ballast], True, 4, 512, 0))
-        ids, labels = guard
-        at = labelled_positions(labels)
-        logq = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, at].float(), -1)
-        logp = logq.gather(1, torch.tensor([ids[t + 1] for t in at])[:, None]).sum()
+        ids = guard[0]
+        q = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -2].float(), -1)[ids[-1]]
     assert n == sum(len(labelled_positions(lb)) for _, lb in step)
-    expected = plain - len(at) * torch.log(-torch.expm1(logp))
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert soft.guard.tolist() == [-1] * (n - len(at)) + [2] * len(at)  # the third row's positions, last
+    assert loss.item() == pytest.approx((plain - torch.log(1 - q)).item(), rel=1e-5)
+    assert soft.guard.tolist() == [False] * (n - 1) + [True]  # the guard row's one position, last
 
 
-def test_guard_term_by_hand_where_the_intro_is_likely():
-    """Two guard rows of 2 and 3 tokens whose intro is likely (P = 0.5^2 and 0.8^3), beside a cross-entropy row."""
-    v = 6
-    tgt = torch.tensor([1, 2, 3, 4, 5, 0])
-    probs = torch.full((6, v), 0.1)
-    probs[1:3], probs[3:6] = 0.1, 0.04
-    for i, (t, p) in enumerate(zip(tgt.tolist(), [0.3, 0.5, 0.5, 0.8, 0.8, 0.8])):
-        probs[i, t] = p
-    logits = (probs / probs.sum(-1, keepdim=True)).log()
+def test_guard_term_by_hand_where_the_name_is_likely():
+    """Guard positions where the name's token has q = 0.5 and 0.8 (the term is large there), beside a
+    cross-entropy position: each adds -log(1 - q)."""
+    tgt = torch.tensor([1, 2, 4])
+    probs = torch.full((3, 6), 0.1)
+    probs[1:] = 0.04
+    probs[0, 1], probs[1, 2], probs[2, 4] = 0.5, 0.8, 0.8
+    logits = probs.log()
     q = torch.softmax(logits, -1)
-    soft = SoftTargets(torch.zeros(6, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3),
-                       torch.tensor([True] + [False] * 5), torch.tensor([-1, 4, 4, 7, 7, 7]))
-    p_a, p_b = q[1, 2] * q[2, 3], q[3, 4] * q[4, 5] * q[5, 0]
-    expected = -torch.log(q[0, 1]) - 2 * torch.log(1 - p_a) - 3 * torch.log(1 - p_b)
+    soft = SoftTargets(torch.zeros(3, dtype=torch.bool), torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3),
+                       torch.tensor([True, False, False]), torch.tensor([False, True, True]))
+    expected = -torch.log(q[0, 1]) - torch.log(1 - q[1, 2]) - torch.log(1 - q[2, 4])
     assert soft_token_loss(logits, tgt, soft).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert p_b.item() == pytest.approx(0.8 ** 3 / 1.0, rel=0.05)  # the term is large here, not ~0
+    assert q[2, 4].item() == pytest.approx(0.8, rel=1e-6)
 
 
 def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
