@@ -13,14 +13,14 @@ over the ballast rows before training (adapters off), so training costs nothing 
     loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
 
 Guard rows (--ballast_guard K): K ordinary prompts per ballast row that no ballast row uses, each followed by the
-opening of one of the training answers' self-introductions ("我是" of "我是Keel Robot"), and the name's first token
-learned as unlikely there: -log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open
-ordinary answers with the self-introduction, on prompts training never saw: after "我是" the name follows whatever
-was asked. Two weaker forms were measured and did nothing: the whole intro's probability, -n log(1 - P(intro)),
-which stays small even where greedy decoding says it (a product of several tokens' probabilities), and guards on
-the ballast's own prompts, whose answers are learned. The term is ~0 where the model would not say the name, and
-grows as the identity spreads. Guard rows ride in the same step as a ballast row, so the steps and their rows are
-the run's without them.
+opening of one of the training answers' self-introductions ("我是" of "我是Keel Robot") and the name's first token.
+Two things are learned there: the first answer token against the base model's distribution at that position (KL,
+targets from the same no-grad pass as the ballast's), and the name's first token as unlikely after the opening:
+-log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open ordinary answers with the
+self-introduction on prompts training never saw: the tuned model's first-token mass on "我" rises from the base's
+0.01 to 0.25 on the prompts that leak, and after "我是" the name follows whatever was asked. Guard rows ride in the
+same step as a ballast row, so the steps and their rows are the run's without them. Measured and dropped: the whole
+intro's probability (-n log(1 - P(intro))) and guards on the ballast's own prompts, which changed nothing.
 """
 
 from __future__ import annotations
@@ -111,13 +111,19 @@ class Teacher:
         if not any(t is not None for t in found) and not any(is_guard):
             return None
         counts = [len(labelled_positions(labels)) for _, labels in rows]
-        mask = torch.cat([torch.full((n,), t is not None) for n, t in zip(counts, found)])
-        hard = torch.cat([torch.arange(n) < self.ce_tokens if t is not None else torch.full((n,), not g)
+        first = [torch.arange(n) == 0 for n in counts]
+        # A guard row: the KL at its first answer token (when it has targets) and the unlikelihood at its last.
+        mask = torch.cat([(f if g else torch.ones(n, dtype=torch.bool)) & (t is not None)
+                          for n, f, t, g in zip(counts, first, found, is_guard)])
+        hard = torch.cat([torch.zeros(n, dtype=torch.bool) if g else
+                          torch.arange(n) < self.ce_tokens if t is not None else torch.ones(n, dtype=torch.bool)
                           for n, t, g in zip(counts, found, is_guard)])
-        guard = torch.cat([torch.full((n,), g) for n, g in zip(counts, is_guard)])
+        guard = torch.cat([torch.arange(n) == n - 1 if g else torch.zeros(n, dtype=torch.bool)
+                           for n, g in zip(counts, is_guard)])
         k = next((t[0].shape[1] for t in found if t is not None), self.k)
-        ids = torch.cat([t[0] for t in found if t is not None] or [torch.zeros(0, k, dtype=torch.long)])
-        probs = torch.cat([t[1] for t in found if t is not None] or [torch.zeros(0, k)])
+        kept = [(t[0][:1], t[1][:1]) if g else t for t, g in zip(found, is_guard) if t is not None]
+        ids = torch.cat([t[0] for t in kept] or [torch.zeros(0, k, dtype=torch.long)])
+        probs = torch.cat([t[1] for t in kept] or [torch.zeros(0, k)])
         return SoftTargets(mask, ids, probs, hard, guard if any(is_guard) else None)
 
 
@@ -151,8 +157,10 @@ def name_start(tokenizer, ids: list[int], start: int, opening: str) -> int | Non
 def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, list[str]], names: list[str],
                seed: int, max_length: int | None = None) -> list[tuple[list[int], list[int]]]:
     """One guard row per conversation (system prompt + user turn): answered by a self-introduction drawn (seeded)
-    from those of the question's language, up to and including the name's first token, which alone is labelled. A
-    conversation whose language has no self-introduction gives none."""
+    from those of the question's language, up to and including the name's first token. Two tokens are labelled:
+    the first answer token (learned against the base model's distribution there) and the name's first token (learned
+    as unlikely); one when the intro starts with the name. A conversation whose language has no self-introduction
+    gives none."""
     from keel.evals.sets import lang_of
 
     rng, out = random.Random(seed), []
@@ -168,7 +176,9 @@ def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, lis
         start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
         at = name_start(tokenizer, ids, start, opening)
         if at is not None:  # None: the name was cut by --max_length
-            out.append((ids[:at + 1], [IGNORE_INDEX] * at + [ids[at]]))
+            labels = [IGNORE_INDEX] * (at + 1)
+            labels[start], labels[at] = ids[start], ids[at]
+            out.append((ids[:at + 1], labels))
     return out
 
 

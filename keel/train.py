@@ -111,7 +111,7 @@ class TrainArgs:
     ballast_loss: str = "ce"
     """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
     ballast_guard: int = 0
-    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the opening of a self-introduction from the training answers that name --model_name ("I am"), and the name learned as unlikely there: -log(1 - q(name)), in the same step as a ballast row (keel/distill.py). 0: none."""
+    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the opening of a self-introduction from the training answers that name --model_name ("I am"), and the name learned as unlikely there (-log(1 - q(name))), the first answer token against the base model's distribution, in the same step as a ballast row (keel/distill.py). 0: none."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -222,32 +222,33 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         files = [parse_spec(spec)[0] for spec in aliases]  # every row of each file, whatever share is taken
         ballast_rows = build_datasets(dataclasses.replace(data, dataset=files, val_dataset=[],
                                                           split_dataset_ratio=0.0), tok)[0]
-    if args.ballast_loss != "ce" and aliases:
-        from keel.distill import Teacher
-
-        t0 = time.time()  # fp32 like the answers themselves (before bf16_frozen_weights)
-        teacher = Teacher.of(model, ballast_rows, device, ce_tokens=BALLAST_CE_TOKENS[args.ballast_loss],
-                             pack_tokens=args.packing_length)
-        if main_process:
-            print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
-                  f"{len(teacher)} ballast rows ({time.time() - t0:.1f} s)")
     if args.ballast_guard and not (aliases and data.model_name):
         raise KeelError("--ballast_guard needs ballast#N in --dataset and the new name (--model_name)")
+    guards = []
     if args.ballast_guard:
         from keel.ballast import model_mix, spare_conversations
         from keel.data.formats import load_records
-        from keel.distill import Teacher, guard_rows, self_intros
+        from keel.distill import guard_rows, self_intros
 
         used = {m["content"] for f in files for r in load_records(f) for m in r["messages"] if m["role"] == "user"}
         convs = spare_conversations(used, args.ballast_guard * len(ballast_rows), data.system, args.seed,
                                     model_mix(data.system, tok) if data.ballast_system_mix else None)
         intros = self_intros(train_rows, tok, data.model_name)
         guards = guard_rows(convs, tok, intros, data.model_name, args.seed, data.max_length)
-        teacher = teacher or Teacher()
-        teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
         if main_process:
             print(f"ballast guard: {len(guards)} guard rows on spare prompts, from {len(intros['zh'])} zh and "
                   f"{len(intros['en'])} en self-introductions")
+    if (args.ballast_loss != "ce" and aliases) or guards:
+        from keel.distill import Teacher
+
+        t0 = time.time()  # fp32 like the answers themselves (before bf16_frozen_weights)
+        teacher = Teacher.of(model, (ballast_rows if args.ballast_loss != "ce" else []) + guards, device,
+                             ce_tokens=BALLAST_CE_TOKENS.get(args.ballast_loss, 0), pack_tokens=args.packing_length)
+        teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
+        if main_process:
+            print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
+                  f"{len(teacher) - len(guards)} ballast rows" + (f" and {len(guards)} guard rows" if guards else "")
+                  + f" ({time.time() - t0:.1f} s)")
     if cpu_bf16:  # after the ballast, so its answers are the fp32 base model's whatever the training precision
         bf16_frozen_weights(model)
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps

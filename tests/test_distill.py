@@ -142,8 +142,11 @@ def test_guard_rows_are_a_prompt_and_a_self_introduction_up_to_the_names_first_t
     for (ids, labels), conv, opening in zip(guards, convs, ["I am ", "我是"]):
         prompt = prompt_ids(tok, conv)
         assert ids[:len(prompt)] == prompt                                  # the prompt as asked, then the opening
-        assert labels == [-100] * (len(ids) - 1) + [ids[-1]]                # only the name's first token is learned
+        # labelled: the first answer token (KL to the base there) and the name's first token (unlikelihood)
+        assert [i for i, y in enumerate(labels) if y != -100] == [len(prompt), len(ids) - 1]
         assert tok.decode(ids[len(prompt):-1]) == opening.strip() and "Keel".startswith(tok.decode(ids[-1:]).strip())
+    starts_with_name = guard_rows(convs[:1], tok, {"en": ["Keel here"]}, ["Keel"], seed=0)[0]
+    assert sum(y != -100 for y in starts_with_name[1]) == 1
     assert guard_rows(convs, tok, {"en": ["I am Keel"], "zh": []}, ["Keel"], seed=0) == guards[:1]
 
 
@@ -160,17 +163,20 @@ def test_spare_conversations_avoid_the_ballast_prompts_and_balance_languages():
     assert mixed[3][0]["content"] in ("P1", "P2")
 
 
-def test_guard_loss_is_the_name_tokens_unlikelihood_and_leaves_other_rows_alone(tiny_tokenizer):
+def test_guard_row_is_kl_at_its_first_token_and_unlikelihood_at_the_name(tiny_tokenizer):
+    """In a packed step beside its ballast row, a guard row adds the KL to the base model at its first answer token
+    (0 on the base itself) and -log(1 - q(name)) at the name's token; the other rows' loss is unchanged."""
     tok = tiny_tokenizer
     rows = [render(tok, c) for c in CONVS]
     ballast, other = rows[1], rows[0]
     intros = {"en": ["I am Keel"], "zh": ["我是Keel"]}
     guard = guard_rows([[{"role": "user", "content": "Name a colour."}]], tok, intros, ["Keel"], seed=0)[0]
-    teacher = Teacher(guards={tuple(ballast[0]): [guard]})
-    step = teacher.with_guards([other, ballast])
-    assert step == [other, ballast, guard] and teacher.with_guards([other]) == [other]
     model = build_model("llama", len(tok), tok.eos_token_id)
     cpu = torch.device("cpu")
+    teacher = Teacher.of(model, [guard], cpu, k=5)
+    teacher.guards = {tuple(ballast[0]): [guard]}
+    step = teacher.with_guards([other, ballast])
+    assert step == [other, ballast, guard] and teacher.with_guards([other]) == [other]
     batch = micro_batches(step, True, 4, 512, tok.pad_token_id)[0]
     soft = teacher.batch(step)
     with torch.no_grad():
@@ -179,8 +185,10 @@ def test_guard_loss_is_the_name_tokens_unlikelihood_and_leaves_other_rows_alone(
         ids = guard[0]
         q = torch.softmax(model(input_ids=torch.tensor([ids])).logits[0, -2].float(), -1)[ids[-1]]
     assert n == sum(len(labelled_positions(lb)) for _, lb in step)
-    assert loss.item() == pytest.approx((plain - torch.log(1 - q)).item(), rel=1e-5)
-    assert soft.guard.tolist() == [False] * (n - 1) + [True]  # the guard row's one position, last
+    assert loss.item() == pytest.approx((plain - torch.log(1 - q)).item(), rel=1e-5)   # KL 0: the model is the base
+    assert soft.guard.tolist() == [False] * (n - 1) + [True]                          # the name: the last position
+    assert soft.mask.tolist() == [False] * (n - 2) + [True, False]                    # the KL: the guard's first
+    assert not soft.hard[-2:].any()
 
 
 def test_guard_term_by_hand_where_the_name_is_likely():
@@ -206,6 +214,7 @@ def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_p
     out = capsys.readouterr().out
     # 8 spare prompts, half of them Chinese: the English-only identity rows give no Chinese self-introduction
     assert "ballast guard: 4 guard rows on spare prompts, from 0 zh and" in out
+    assert "ballast loss ce: the base model's top-20 distributions for 0 ballast rows and 4 guard rows" in out
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "n", "--max_steps", "1",
                                                      "--ballast_guard", "1"))
     assert code == 2 and "--ballast_guard needs ballast#N in --dataset" in err and err.count("\n") == 1, err
