@@ -40,6 +40,8 @@ TOP_K = 20
 # A self-introduction: a training answer that names the new identity within its first INTRO_CHARS characters, cut
 # right after the name ("I'm Keel Robot", "您好！我是Keel Robot").
 INTRO_CHARS = 48
+# Each guard row position's loss counts this many times a training token's.
+GUARD_WEIGHT = 1.0
 
 
 def labelled_positions(labels: list[int]) -> list[int]:
@@ -56,6 +58,7 @@ class SoftTargets(NamedTuple):
     probs: torch.Tensor
     hard: torch.Tensor | None = None
     guard: torch.Tensor | None = None  # (K,) bool: the positions whose token is learned as unlikely
+    weight: torch.Tensor | None = None  # (K,): each position's loss times this (the guard rows' GUARD_WEIGHT)
 
 
 @dataclass
@@ -124,7 +127,9 @@ class Teacher:
         kept = [(t[0][:1], t[1][:1]) if g else t for t, g in zip(found, is_guard) if t is not None]
         ids = torch.cat([t[0] for t in kept] or [torch.zeros(0, k, dtype=torch.long)])
         probs = torch.cat([t[1] for t in kept] or [torch.zeros(0, k)])
-        return SoftTargets(mask, ids, probs, hard, guard if any(is_guard) else None)
+        weight = torch.cat([torch.full((n,), GUARD_WEIGHT if g else 1.0) for n, g in zip(counts, is_guard)])
+        return SoftTargets(mask, ids, probs, hard, guard if any(is_guard) else None,
+                           weight if any(is_guard) and GUARD_WEIGHT != 1 else None)
 
 
 def self_intros(rows: list[tuple[list[int], list[int]]], tokenizer, names: list[str]) -> dict[str, list[str]]:
@@ -185,23 +190,29 @@ def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, lis
 def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
     """Summed loss over the learned positions: cross-entropy on `tgt` where soft.hard says (default: where the mask
     is off), where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,
-    coarsened the same way, and at guard positions -log(1 - q(token)), the unlikelihood of the token. logits (K, V),
-    tgt (K,)."""
+    coarsened the same way, and at guard positions -log(1 - q(token)), the unlikelihood of the token; each position's
+    loss times soft.weight there, if given. logits (K, V), tgt (K,)."""
     mask, ids, p = (x.to(logits.device) for x in soft[:3])
     hard_at = ~mask if soft.hard is None else soft.hard.to(logits.device)
     logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
-    hard = -logq[hard_at].gather(1, tgt[hard_at, None]).sum()
+    per = torch.zeros(len(tgt), device=logits.device)                              # (K,)
+
+    def add(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return per.index_put((where.nonzero().squeeze(1),), values, accumulate=True)
+
+    per = add(hard_at, -logq[hard_at].gather(1, tgt[hard_at, None]).squeeze(1))
     if soft.guard is not None:
         at = soft.guard.to(logits.device)
-        logq_at = logq[at].gather(1, tgt[at, None])
+        logq_at = logq[at].gather(1, tgt[at, None]).squeeze(1)
         # -log(1 - q) = -log(-expm1(log q)); log q is kept below 0 so the log stays finite
-        hard = hard - torch.log(-torch.expm1(logq_at.clamp(max=-1e-6))).sum()
+        per = add(at, -torch.log(-torch.expm1(logq_at.clamp(max=-1e-6))))
     lq = logq[mask]                                                                # (S, V)
     lq_top = lq.gather(1, ids)                                                     # (S, k)
     # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.
     lq_rest = lq.scatter(1, ids, float("-inf")).logsumexp(1)                       # (S,)
     p_rest = (1 - p.sum(1)).clamp_min(0)                                           # (S,)
-    kl = (torch.special.xlogy(p, p) - p * lq_top).sum()
+    kl = (torch.special.xlogy(p, p) - p * lq_top).sum(1)                           # (S,)
     if ids.shape[1] < logits.shape[-1]:  # with the whole vocabulary in the top k there is no rest
-        kl = kl + (torch.special.xlogy(p_rest, p_rest) - p_rest * lq_rest).sum()
-    return hard + kl
+        kl = kl + torch.special.xlogy(p_rest, p_rest) - p_rest * lq_rest
+    per = add(mask, kl)
+    return (per * soft.weight.to(per.device)).sum() if soft.weight is not None else per.sum()

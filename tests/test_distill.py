@@ -205,6 +205,9 @@ def test_guard_term_by_hand_where_the_name_is_likely():
     expected = -torch.log(q[0, 1]) - torch.log(1 - q[1, 2]) - torch.log(1 - q[2, 4])
     assert soft_token_loss(logits, tgt, soft).item() == pytest.approx(expected.item(), rel=1e-6)
     assert q[2, 4].item() == pytest.approx(0.8, rel=1e-6)
+    weighted = soft._replace(weight=torch.tensor([1.0, 2.0, 3.0]))
+    expected = -torch.log(q[0, 1]) - 2 * torch.log(1 - q[1, 2]) - 3 * torch.log(1 - q[2, 4])
+    assert soft_token_loss(logits, tgt, weighted).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
