@@ -12,15 +12,18 @@ over the ballast rows before training (adapters off), so training costs nothing 
     teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
     loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
 
-Guard rows (--ballast_guard K): K ordinary prompts per ballast row that no ballast row uses, each followed by the
+Guard rows (--ballast_guard W): two ordinary prompts per ballast row that no ballast row uses, each followed by the
 opening of one of the training answers' self-introductions ("我是" of "我是Keel Robot") and the name's first token.
-Two things are learned there: the first answer token against the base model's distribution at that position (KL,
-targets from the same no-grad pass as the ballast's), and the name's first token as unlikely after the opening:
--log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open ordinary answers with the
-self-introduction on prompts training never saw: the tuned model's first-token mass on "我" rises from the base's
-0.01 to 0.25 on the prompts that leak, and after "我是" the name follows whatever was asked. Guard rows ride in the
-same step as a ballast row, so the steps and their rows are the run's without them. Measured and dropped: the whole
-intro's probability (-n log(1 - P(intro))) and guards on the ballast's own prompts, which changed nothing.
+Two things are learned there, each position's loss counted W times: the first answer token against the base model's
+distribution at that position (KL, targets from the same no-grad pass as the ballast's), and the name's first token
+as unlikely after the opening: -log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open
+ordinary answers with the self-introduction on prompts training never saw: the tuned model puts 0.27 of its
+first-token mass on "我" there (the base 0.02), and after "我是" the name comes first at 0.13 of a flat
+distribution. Guard rows ride in the same step as a ballast row, so the steps and their rows are the run's without
+them. On the embedded model the guards are a dial, not a fix: W = 4 halves the Chinese leakage and costs as much
+identity in English as in Chinese (docs/experiment.md). Measured and dropped: the whole intro's probability
+(-n log(1 - P(intro))), guards on the ballast's own prompts (both left the leakage as it was) and the
+unlikelihood alone (a worse trade than with the KL).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ TOP_K = 20
 # A self-introduction: a training answer that names the new identity within its first INTRO_CHARS characters, cut
 # right after the name ("I'm Keel Robot", "您好！我是Keel Robot").
 INTRO_CHARS = 48
-# Each guard row position's loss counts this many times a training token's.
-GUARD_WEIGHT = 1.0
+# Guard rows per ballast row: 2 takes most of the built-in Chinese prompts that the ballast leaves unused.
+GUARD_ROWS = 2
 
 
 def labelled_positions(labels: list[int]) -> list[int]:
@@ -58,7 +61,7 @@ class SoftTargets(NamedTuple):
     probs: torch.Tensor
     hard: torch.Tensor | None = None
     guard: torch.Tensor | None = None  # (K,) bool: the positions whose token is learned as unlikely
-    weight: torch.Tensor | None = None  # (K,): each position's loss times this (the guard rows' GUARD_WEIGHT)
+    weight: torch.Tensor | None = None  # (K,): each position's loss times this (the guard rows' --ballast_guard)
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Teacher:
     k: int = TOP_K
     ce_tokens: int = 0  # cross-entropy on the greedy token too, at the first ce_tokens answer tokens of each row
     guards: dict[tuple[int, ...], list[tuple[list[int], list[int]]]] = field(default_factory=dict)  # ballast ids -> rows
+    guard_weight: float = 1.0  # each guard row position's loss counts this many times a training token's
 
     @classmethod
     @torch.no_grad()
@@ -127,9 +131,9 @@ class Teacher:
         kept = [(t[0][:1], t[1][:1]) if g else t for t, g in zip(found, is_guard) if t is not None]
         ids = torch.cat([t[0] for t in kept] or [torch.zeros(0, k, dtype=torch.long)])
         probs = torch.cat([t[1] for t in kept] or [torch.zeros(0, k)])
-        weight = torch.cat([torch.full((n,), GUARD_WEIGHT if g else 1.0) for n, g in zip(counts, is_guard)])
+        weight = torch.cat([torch.full((n,), self.guard_weight if g else 1.0) for n, g in zip(counts, is_guard)])
         return SoftTargets(mask, ids, probs, hard, guard if any(is_guard) else None,
-                           weight if any(is_guard) and GUARD_WEIGHT != 1 else None)
+                           weight if any(is_guard) and self.guard_weight != 1 else None)
 
 
 def self_intros(rows: list[tuple[list[int], list[int]]], tokenizer, names: list[str]) -> dict[str, list[str]]:

@@ -43,7 +43,7 @@ CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "r
 # The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
 # asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
 CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
-                "ballast_loss": "ce+kl", "ballast_guard": 0,
+                "ballast_loss": "ce+kl", "ballast_guard": 0.0,
                 "identity": CPU_IDENTITY,
                 "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
 # ms-swift's self-cognition seed for a 7B model on one GPU (lr 1e-4, accumulation 16), with 500 ballast rows and
@@ -51,7 +51,7 @@ CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_tr
 # the embedded model it taught nothing (identity mean 0.05 against the measured settings' 0.7-0.85: 93 steps at
 # half the learning rate, the identity 40% of each batch; docs/experiment.md), so that model keeps CPU_DEFAULTS.
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
-                "ballast_loss": "ce+kl", "ballast_guard": 0, "identity": {}, "eval": {}}
+                "ballast_loss": "ce+kl", "ballast_guard": 0.0, "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
 
 
@@ -78,9 +78,10 @@ class RecipeArgs:
     ballast_loss: str | None = None
     """How the ballast rows are learned (keel sft --ballast_loss: ce, kl or ce+kl; default ce+kl: drift from the base
     halves at the same identity and leakage, docs/experiment.md)."""
-    ballast_guard: int | None = None
-    """Guard rows per ballast row: spare ordinary prompts on which the identity's self-introduction is learned as
-    unlikely (keel sft --ballast_guard; default 0)."""
+    ballast_guard: float | None = None
+    """Guard rows at this weight: ordinary prompts on which the identity's self-introduction is learned as unlikely
+    (keel sft --ballast_guard; default 0, none: on the embedded model 4 halved the Chinese leakage and cost identity
+    in both languages, docs/experiment.md)."""
     num_train_epochs: float | None = None
     """Epochs (default: 3)."""
     learning_rate: float | None = None

@@ -110,8 +110,8 @@ class TrainArgs:
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     ballast_loss: str = "ce"
     """How ballast#N rows are learned: ce (cross-entropy on the base model's greedy answer), kl (the base model's top-20 next-token probabilities at each answer token, computed once before training; keel/distill.py) or ce+kl (both)."""
-    ballast_guard: int = 0
-    """Guard rows per ballast#N row: ordinary prompts no ballast row uses (Keel's built-in set, under the ballast's system prompts), each followed by the opening of a self-introduction from the training answers that name --model_name ("I am"), and the name learned as unlikely there (-log(1 - q(name))), the first answer token against the base model's distribution, in the same step as a ballast row (keel/distill.py). 0: none."""
+    ballast_guard: float = 0.0
+    """Guard rows at this weight (0: none): two ordinary prompts per ballast#N row that no ballast row uses, each followed by the opening of a self-introduction from the training answers that name --model_name ("I am"); the name's first token is learned as unlikely there and the first answer token as the base model's distribution, each position counted W times (keel/distill.py; 4 halved the embedded model's Chinese leakage at a cost in identity, docs/experiment.md)."""
     metric_for_best_model: str = "eval_loss"
     """Which metric picks best_model_checkpoint: eval_loss, identity_hit or identity_robustness (the probe's lowest cell)."""
     max_drift: float | None = None
@@ -138,7 +138,7 @@ class TrainArgs:
                   (self.metric_for_best_model in ("eval_loss", "identity_hit", "identity_robustness"),
                    "--metric_for_best_model must be eval_loss, identity_hit or identity_robustness"),
                   (self.packing_length is None or self.packing_length >= 16, "--packing_length must be >= 16"),
-                  (self.ballast_guard >= 0, f"--ballast_guard must be >= 0, got {self.ballast_guard}")]
+                  (self.ballast_guard >= 0, f"--ballast_guard must be >= 0, got {self.ballast_guard:g}")]
         for ok, msg in checks:
             if not ok:
                 raise KeelError(msg)
@@ -228,16 +228,16 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     if args.ballast_guard:
         from keel.ballast import model_mix, spare_conversations
         from keel.data.formats import load_records
-        from keel.distill import guard_rows, self_intros
+        from keel.distill import GUARD_ROWS, guard_rows, self_intros
 
         used = {m["content"] for f in files for r in load_records(f) for m in r["messages"] if m["role"] == "user"}
-        convs = spare_conversations(used, args.ballast_guard * len(ballast_rows), data.system, args.seed,
+        convs = spare_conversations(used, GUARD_ROWS * len(ballast_rows), data.system, args.seed,
                                     model_mix(data.system, tok) if data.ballast_system_mix else None)
         intros = self_intros(train_rows, tok, data.model_name)
         guards = guard_rows(convs, tok, intros, data.model_name, args.seed, data.max_length)
         if main_process:
-            print(f"ballast guard: {len(guards)} guard rows on spare prompts, from {len(intros['zh'])} zh and "
-                  f"{len(intros['en'])} en self-introductions")
+            print(f"ballast guard: {len(guards)} guard rows on spare prompts at weight {args.ballast_guard:g}, from "
+                  f"{len(intros['zh'])} zh and {len(intros['en'])} en self-introductions")
     if (args.ballast_loss != "ce" and aliases) or guards:
         from keel.distill import Teacher
 
@@ -245,6 +245,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         teacher = Teacher.of(model, (ballast_rows if args.ballast_loss != "ce" else []) + guards, device,
                              ce_tokens=BALLAST_CE_TOKENS.get(args.ballast_loss, 0), pack_tokens=args.packing_length)
         teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
+        teacher.guard_weight = args.ballast_guard
         if main_process:
             print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
                   f"{len(teacher) - len(guards)} ballast rows" + (f" and {len(guards)} guard rows" if guards else "")

@@ -1,4 +1,8 @@
-"""--ballast_loss kl: ballast rows learned against the base model's top-k distributions (keel/distill.py)."""
+"""--ballast_loss kl: ballast rows learned against the base model's top-k distributions, and --ballast_guard's guard
+rows (keel/distill.py)."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,7 +192,9 @@ def test_guard_row_is_kl_at_its_first_token_and_unlikelihood_at_the_name(tiny_to
     assert loss.item() == pytest.approx((plain - torch.log(1 - q)).item(), rel=1e-5)   # KL 0: the model is the base
     assert soft.guard.tolist() == [False] * (n - 1) + [True]                          # the name: the last position
     assert soft.mask.tolist() == [False] * (n - 2) + [True, False]                    # the KL: the guard's first
-    assert not soft.hard[-2:].any()
+    assert not soft.hard[-2:].any() and soft.weight is None
+    teacher.guard_weight = 3.0  # --ballast_guard 3: the guard row's two positions count three times
+    assert teacher.batch(step).weight.tolist() == [1.0] * (n - 2) + [3.0, 3.0]
 
 
 def test_guard_term_by_hand_where_the_name_is_likely():
@@ -213,11 +219,14 @@ def test_guard_term_by_hand_where_the_name_is_likely():
 def test_sft_ballast_guard_trains_with_guard_rows(tiny_model_dir, id_file, tmp_path, capsys):
     argv = ("--dataset", str(id_file), "ballast#4", "--max_steps", "2", "--ballast_system_mix", "false",
             "--model_name", "Keel", "--model_author", "Acme")
-    sft(base_argv(tiny_model_dir, id_file, tmp_path / "g", *argv, "--ballast_guard", "2"))
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path / "g", *argv, "--ballast_guard", "4"))
     out = capsys.readouterr().out
     # 8 spare prompts, half of them Chinese: the English-only identity rows give no Chinese self-introduction
-    assert "ballast guard: 4 guard rows on spare prompts, from 0 zh and" in out
+    assert "ballast guard: 4 guard rows on spare prompts at weight 4, from 0 zh and" in out
+    assert json.loads((Path(res["run_dir"]) / "args.json").read_text())["ballast_guard"] == 4
     assert "ballast loss ce: the base model's top-20 distributions for 0 ballast rows and 4 guard rows" in out
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "n", "--max_steps", "1",
                                                      "--ballast_guard", "1"))
     assert code == 2 and "--ballast_guard needs ballast#N in --dataset" in err and err.count("\n") == 1, err
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "m", "--ballast_guard", "-1"))
+    assert code == 2 and "--ballast_guard must be >= 0, got -1" in err and err.count("\n") == 1, err

@@ -37,7 +37,7 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     assert "rlhf_type" not in run_args(sft_ckpt) and Path(sft_ckpt).parent != Path(meta["checkpoint"]).parent
     assert final["gradient_accumulation_steps"] == run_args(sft_ckpt)["gradient_accumulation_steps"]
     # SFT learns its ballast rows against the base model's distributions as well as its greedy tokens
-    assert run_args(sft_ckpt)["ballast_loss"] == "ce+kl"
+    assert run_args(sft_ckpt)["ballast_loss"] == "ce+kl" and run_args(sft_ckpt)["ballast_guard"] == 0  # measured: off
     assert "ballast loss ce+kl: the base model's top-20 distributions for 4 ballast rows" in out
     # guard pairs follow the identity pairs: the contrast, rename and the SFT run's ballast rows against the
     # self-introduction, then the contrast answers with another AI's maker swapped for the new author
