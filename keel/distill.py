@@ -191,6 +191,20 @@ def guard_rows(conversations: list[list[dict]], tokenizer, intros: dict[str, lis
     return out
 
 
+def ballast_guards(files: list[str], n_ballast: int, train_rows: list[tuple[list[int], list[int]]], tokenizer, data,
+                   seed: int) -> tuple[list[tuple[list[int], list[int]]], dict[str, list[str]]]:
+    """keel sft's guard rows, GUARD_ROWS per ballast row, and the self-introductions they draw from: built-in
+    prompts that the ballast files do not ask, under the ballast's system prompts (data: the run's DataArgs)."""
+    from keel.ballast import model_mix, spare_conversations
+    from keel.data.formats import load_records
+
+    used = {m["content"] for f in files for r in load_records(f) for m in r["messages"] if m["role"] == "user"}
+    convs = spare_conversations(used, GUARD_ROWS * n_ballast, data.system, seed,
+                                model_mix(data.system, tokenizer) if data.ballast_system_mix else None)
+    intros = self_intros(train_rows, tokenizer, data.model_name)
+    return guard_rows(convs, tokenizer, intros, data.model_name, seed, data.max_length), intros
+
+
 def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) -> torch.Tensor:
     """Summed loss over the learned positions: cross-entropy on `tgt` where soft.hard says (default: where the mask
     is off), where the mask is on the KL divergence from the teacher's top-k + rest distribution to the model's,

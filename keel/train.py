@@ -226,15 +226,9 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         raise KeelError("--ballast_guard needs ballast#N in --dataset and the new name (--model_name)")
     guards = []
     if args.ballast_guard:
-        from keel.ballast import model_mix, spare_conversations
-        from keel.data.formats import load_records
-        from keel.distill import GUARD_ROWS, guard_rows, self_intros
+        from keel.distill import ballast_guards
 
-        used = {m["content"] for f in files for r in load_records(f) for m in r["messages"] if m["role"] == "user"}
-        convs = spare_conversations(used, GUARD_ROWS * len(ballast_rows), data.system, args.seed,
-                                    model_mix(data.system, tok) if data.ballast_system_mix else None)
-        intros = self_intros(train_rows, tok, data.model_name)
-        guards = guard_rows(convs, tok, intros, data.model_name, args.seed, data.max_length)
+        guards, intros = ballast_guards(files, len(ballast_rows), train_rows, tok, data, args.seed)
         if main_process:
             print(f"ballast guard: {len(guards)} guard rows on spare prompts at weight {args.ballast_guard:g}, from "
                   f"{len(intros['zh'])} zh and {len(intros['en'])} en self-introductions")
