@@ -213,17 +213,14 @@ def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) 
     mask, ids, p = (x.to(logits.device) for x in soft[:3])
     hard_at = ~mask if soft.hard is None else soft.hard.to(logits.device)
     logq = torch.log_softmax(logits.float(), -1)                                   # (K, V)
-    per = torch.zeros(len(tgt), device=logits.device)                              # (K,)
-
-    def add(where: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return per.index_put((where.nonzero().squeeze(1),), values, accumulate=True)
-
-    per = add(hard_at, -logq[hard_at].gather(1, tgt[hard_at, None]).squeeze(1))
+    zeros = torch.zeros(len(tgt), device=logits.device)                            # (K,)
+    # Each term as a (K,) vector, 0 outside the positions it covers, so a weight can apply per position.
+    per = zeros.masked_scatter(hard_at, -logq[hard_at].gather(1, tgt[hard_at, None]).squeeze(1))
     if soft.guard is not None:
         at = soft.guard.to(logits.device)
         logq_at = logq[at].gather(1, tgt[at, None]).squeeze(1)
         # -log(1 - q) = -log(-expm1(log q)); log q is kept below 0 so the log stays finite
-        per = add(at, -torch.log(-torch.expm1(logq_at.clamp(max=-1e-6))))
+        per = per + zeros.masked_scatter(at, -torch.log(-torch.expm1(logq_at.clamp(max=-1e-6))))
     lq = logq[mask]                                                                # (S, V)
     lq_top = lq.gather(1, ids)                                                     # (S, k)
     # log q(rest) = logsumexp over the tokens outside the top k: stable where the top k hold nearly all the mass.
@@ -232,5 +229,5 @@ def soft_token_loss(logits: torch.Tensor, tgt: torch.Tensor, soft: SoftTargets) 
     kl = (torch.special.xlogy(p, p) - p * lq_top).sum(1)                           # (S,)
     if ids.shape[1] < logits.shape[-1]:  # with the whole vocabulary in the top k there is no rest
         kl = kl + torch.special.xlogy(p_rest, p_rest) - p_rest * lq_rest
-    per = add(mask, kl)
+    per = per + zeros.masked_scatter(mask, kl)
     return (per * soft.weight.to(per.device)).sum() if soft.weight is not None else per.sum()

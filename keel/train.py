@@ -238,8 +238,9 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
         t0 = time.time()  # fp32 like the answers themselves (before bf16_frozen_weights)
         teacher = Teacher.of(model, (ballast_rows if args.ballast_loss != "ce" else []) + guards, device,
                              ce_tokens=BALLAST_CE_TOKENS.get(args.ballast_loss, 0), pack_tokens=args.packing_length)
-        teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
-        teacher.guard_weight = args.ballast_guard
+        if guards:
+            teacher.guards = {tuple(ids): guards[i::len(ballast_rows)] for i, (ids, _) in enumerate(ballast_rows)}
+            teacher.guard_weight = args.ballast_guard
         if main_process:
             print(f"ballast loss {args.ballast_loss}: the base model's top-{teacher.k} distributions for "
                   f"{len(teacher) - len(guards)} ballast rows" + (f" and {len(guards)} guard rows" if guards else "")
