@@ -35,6 +35,12 @@ from keel.model import cache_root, eval_mode
 PROMPTS_FILE = Path(__file__).parent / "data" / "ballast_prompts.jsonl"
 SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 REPLACE_ROUNDS = 4  # rounds of replacing prompts whose answers were unusable
+# Unused prompts tried at once for each unusable answer: an unusable answer is usually one cut off at max_new_tokens,
+# so a round costs its longest answer, and two candidates a slot cost little more than one (docs/performance.md).
+CANDIDATES = 2
+# Answers per generation batch. Decoding a small model on a CPU is mostly per-step overhead: 48 ballast answers
+# took 19.6 s in one batch against 35.0 s in batches of 16, the same answers (docs/performance.md).
+GENERATE_BATCH = 48
 
 
 def builtin_prompts() -> list[str]:
@@ -164,7 +170,7 @@ def spare_conversations(used: set[str], n: int, system: str | None, seed: int,
 
 
 def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[str] | None = None, seed: int = 42,
-                    max_new_tokens: int = 96, batch_size: int = 16, repeat: bool = False,
+                    max_new_tokens: int = 96, batch_size: int = GENERATE_BATCH, repeat: bool = False,
                     systems: tuple[list[str | None], list[str]] | None = None) -> list[dict]:
     """n rows {"messages": [system?, user, assistant]} answered greedily by the base model.
 
@@ -187,13 +193,19 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
     for lang in spare:
         rng.shuffle(spare[lang])
     for _ in range(REPLACE_ROUNDS):
-        swaps = [(i, spare[lang_of(p)].pop()) for i, (s, p) in enumerate(slots)
-                 if not teachable(answers.get((s, p))) and spare[lang_of(p)]]
-        if not swaps:
+        failing = [i for i, slot in enumerate(slots) if not teachable(answers.get(slot))]
+        tries = {i: [] for i in failing}
+        for _ in range(CANDIDATES):  # each slot's first candidate first, so one candidate a slot takes the same prompts
+            for i in failing:
+                if spare[lang_of(slots[i][1])]:
+                    tries[i].append(spare[lang_of(slots[i][1])].pop())
+        tries = {i: ps for i, ps in tries.items() if ps}
+        if not tries:
             break
-        for i, p in swaps:
-            slots[i] = (slots[i][0], p)
-        answers.update(cached_answers(model, tokenizer, [slots[i] for i, _ in swaps], max_new_tokens, batch_size))
+        answers.update(cached_answers(model, tokenizer, [(slots[i][0], p) for i, ps in tries.items() for p in ps],
+                                      max_new_tokens, batch_size))
+        for i, ps in tries.items():
+            slots[i] = (slots[i][0], next((p for p in ps if teachable(answers.get((slots[i][0], p)))), ps[-1]))
     rows = []
     for sys_prompt, p in slots:
         a = answers.get((sys_prompt, p))

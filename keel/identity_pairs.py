@@ -32,7 +32,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.ballast import cached_generations
+from keel.ballast import GENERATE_BATCH, cached_generations
 from keel.data.identity import Builder, IdentityArgs, main as identity_main, read_qa
 from keel.errors import KeelError
 from keel.evals.sets import lang_of
@@ -53,7 +53,7 @@ class IdentityPairsArgs:
     """With --pairs: the base model whose answers are rejected (default: the embedded model)."""
     max_new_tokens: int = 96
     """With --pairs: longest base answer; a cut-off answer is trimmed to its last full sentence."""
-    batch_size: int = 16
+    batch_size: int = GENERATE_BATCH
     """With --pairs: conversations answered per generation batch."""
     guard: bool = True
     """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the

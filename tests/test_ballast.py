@@ -90,6 +90,32 @@ def test_unusable_answers_are_replaced_in_the_same_language_and_system_prompt(ti
     assert all(r["messages"][-1]["content"] == f"[{r['messages'][0]['content']}] answer." for r in rows)
 
 
+def test_a_replacement_round_asks_two_prompts_a_slot_in_one_batch(tiny_model_dir, monkeypatch):
+    """Each unusable slot tries two unused prompts at once and keeps the first usable one, so a slot whose first
+    candidate is unusable too needs no further round; each slot's first candidate is the prompt that one candidate a
+    slot would take (the same rows as before wherever one was enough)."""
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    calls = []
+
+    def answers(model, tok, pairs, max_new_tokens, batch_size):
+        calls.append([p for _, p in pairs])
+        bad = {p for _, p in pairs if lang_of(p) == "zh"} if len(calls) == 1 else {pairs[0][1]}
+        return {(s, p): None if p in bad else "An answer." for s, p in pairs}
+
+    monkeypatch.setattr("keel.ballast.cached_answers", answers)
+    prompts = [f"问题{i}？" for i in range(30)] + [f"Question {i}?" for i in range(10)]  # spare Chinese for two each
+    rows = ballast_records(model, tok, 8, "Train.", prompts=prompts)
+    zh = sum(lang_of(p) == "zh" for p in calls[0])
+    assert zh and len(calls) == 2 and len(calls[1]) == 2 * zh
+    first, second = calls[1][0::2], calls[1][1::2]
+    asked = [r["messages"][-2]["content"] for r in rows]
+    assert len(rows) == 8 and first[0] not in asked and second[0] in asked and set(first[1:]) <= set(asked)
+    calls.clear()
+    monkeypatch.setattr("keel.ballast.CANDIDATES", 1)
+    ballast_records(model, tok, 8, "Train.", prompts=prompts)
+    assert calls[1] == first
+
+
 def test_interrupted_generation_is_kept(tiny_model_dir, monkeypatch):
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
     prompts = [f"Name a colour, take {i}." for i in range(6)]
