@@ -39,7 +39,7 @@ REPLACE_ROUNDS = 4  # rounds of replacing prompts whose answers were unusable
 # so a round costs its longest answer, and two candidates a slot cost little more than one (docs/performance.md).
 CANDIDATES = 2
 # Answers per generation batch. Decoding a small model on a CPU is mostly per-step overhead: 48 ballast answers
-# took 19.6 s in one batch against 35.0 s in batches of 16, the same answers (docs/performance.md).
+# took 24.5 s in one batch against 33.7 s in batches of 16, the same answers (bench/generate_bench.py).
 GENERATE_BATCH = 48
 
 
