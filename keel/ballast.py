@@ -197,8 +197,9 @@ def ballast_records(model, tokenizer, n: int, system: str | None, prompts: list[
         tries = {i: [] for i in failing}
         for _ in range(CANDIDATES):  # each slot's first candidate first, so one candidate a slot takes the same prompts
             for i in failing:
-                if spare[lang_of(slots[i][1])]:
-                    tries[i].append(spare[lang_of(slots[i][1])].pop())
+                pool = spare[lang_of(slots[i][1])]
+                if pool:
+                    tries[i].append(pool.pop())
         tries = {i: ps for i, ps in tries.items() if ps}
         if not tries:
             break
