@@ -36,7 +36,8 @@ PROMPTS_FILE = Path(__file__).parent / "data" / "ballast_prompts.jsonl"
 SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 REPLACE_ROUNDS = 4  # rounds of replacing prompts whose answers were unusable
 # Unused prompts tried at once for each unusable answer: an unusable answer is usually one cut off at max_new_tokens,
-# so a round costs its longest answer, and two candidates a slot cost little more than one (docs/performance.md).
+# so a round costs its longest answer (the demo's: 9 rows 11 s, then 1 row 6 s twice; with two a slot, one round of
+# 18 rows in 16 s, docs/performance.md).
 CANDIDATES = 2
 # Answers per generation batch. Decoding a small model on a CPU is mostly per-step overhead: 48 ballast answers
 # took 24.5 s in one batch against 33.7 s in batches of 16, the same answers (bench/generate_bench.py).

@@ -54,8 +54,8 @@ class IdentityPairsArgs:
     max_new_tokens: int = 96
     """With --pairs: longest base answer; a cut-off answer is trimmed to its last full sentence."""
     batch_size: int = GENERATE_BATCH
-    """With --pairs: conversations answered per generation batch (default 48, as ballast#N: on a CPU a batch of 48 took
-    little more than one of 16, docs/performance.md)."""
+    """With --pairs: conversations answered per generation batch (default 48, as ballast#N: on 2 CPU cores 48 ballast
+    answers took 24.5 s in one batch against 33.7 s in batches of 16, docs/performance.md)."""
     guard: bool = True
     """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the
     identity's self-introduction, or the same answer naming the new author as another AI's maker), so the name is
