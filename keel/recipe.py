@@ -5,7 +5,8 @@
     keel recipe identity --name Keel --author Acme --mc_files ../shared/data/eval/arc_easy.jsonl --limit 200
 
 1. writes the identity dataset (`keel data identity`: the identity under a mix of system prompts, in
-   later turns, reversed, under pressure, and contrast rows about other AIs),
+   later turns, reversed, under pressure, and contrast rows about other AIs; --identity_rows sizes the kinds;
+   with --identity_answers self, the answers are the base model's own where it states the identity when told it),
 2. trains LoRA on it mixed with self-distilled ballast (`ballast#N`: general prompts answered by the
    base model itself under the same mix of system prompts, so nothing but the identity is asked to
    change), with the neutral training system prompt --system as the tuned model's default,
@@ -53,6 +54,7 @@ CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_tr
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
                 "ballast_loss": "ce+kl", "ballast_guard": 0.0, "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
+ANSWERS = ("written", "self")
 
 
 def recipe_defaults(device_type: str, model: str | None) -> dict:
@@ -101,6 +103,13 @@ class RecipeArgs:
     """Also score the base model (false skips it when the base was already scored, e.g. in an experiment)."""
     full_eval: bool = False
     """Ask the whole robustness matrix and leakage set, as keel eval does (on CPU the recipe asks a slice by default)."""
+    identity_rows: str = ""
+    """Identity rows per language and kind, over the recipe's (keel data identity's kinds), e.g. 'contrast=0,basic=24'
+    (default on CPU: basic=16, system_mix=8, multi_turn=6, reversal=4, pressure=6, contrast=8, rename=2)."""
+    identity_answers: str = "written"
+    """Answers of the rows that teach the identity: written (Keel's, identity_qa.json), or self: the base model's own,
+    asked with the identity in its system prompt and kept where they state it (context distillation,
+    keel/self_answers.py; the written answer stays where it does not); trained without that system prompt."""
     stage2: str = "none"
     """After SFT: none, or dpo (keel rlhf --rlhf_type dpo --beta 0.1 --rpo_alpha 1.0, 1 epoch at 5e-5, from the SFT
     checkpoint, on identity pairs whose rejected answer is the base model's own, and guard pairs: the contrast, rename
@@ -115,8 +124,23 @@ class RecipeArgs:
             from keel.train import check_ballast_loss
 
             check_ballast_loss(self.ballast_loss)
+        self.identity_sizes()  # a bad --identity_rows fails here, before anything runs
+        if self.identity_answers not in ANSWERS:
+            raise KeelError(f"--identity_answers must be written or self, got '{self.identity_answers}'")
         if self.stage2 not in STAGES:
             raise KeelError(f"--stage2 must be none or dpo, got '{self.stage2}'")
+
+    def identity_sizes(self) -> dict[str, int]:
+        """--identity_rows as {"KIND_rows": N}."""
+        from keel.data.identity import KINDS
+
+        sizes = {}
+        for item in filter(None, (x.strip() for x in self.identity_rows.split(","))):
+            kind, _, n = item.partition("=")
+            if kind.strip() not in KINDS or not n.strip().isdigit():
+                raise KeelError(f"--identity_rows takes KIND=N items (N >= 0; kinds: {', '.join(KINDS)}), got '{item}'")
+            sizes[f"{kind.strip()}_rows"] = int(n)
+        return sizes
 
 
 def run_stage2(args: RecipeArgs, identity, ckpt: str, sft, ballast: int) -> dict:
@@ -160,7 +184,7 @@ def main(argv: list[str]):
     if not argv or argv[0] != "identity":
         raise KeelError("usage: keel recipe identity --name NAME --author AUTHOR [flags]")
     (args,) = parse_flags(argv[1:], [RecipeArgs], prog="keel recipe identity", description=__doc__.split("\n")[0]).configs
-    from keel.data.identity import IdentityArgs, build_identity
+    from keel.data.identity import Builder, IdentityArgs
     from keel.evals.drift import base_context
     from keel.evals.identity import Identity
     from keel.evals.mc import read_mc_file
@@ -183,8 +207,19 @@ def main(argv: list[str]):
     # The template's own default system prompt stays one of the training conditions although --system replaces it.
     template = default_system(load_tokenizer(resolve_model_path(args.model)[0]))
     identity = IdentityArgs(name=args.name, author=args.author, system=args.system, template_system=template,
-                            data_seed=args.seed, **defaults["identity"])
-    write_json(data, build_identity(identity)[0], indent=1)
+                            data_seed=args.seed, **{**defaults["identity"], **args.identity_sizes()})
+    rows, tags = Builder(identity).build()
+    answers = {"type": args.identity_answers}
+    if args.identity_answers == "self":
+        from keel.self_answers import self_answers
+
+        base, tok, _ = load_model(ModelArgs(model=args.model))
+        rows, answers = self_answers(rows, tags, base, tok, args.name, args.author)
+        answers["type"] = "self"
+        del base  # training loads its own copy
+        print(f"identity answers in the base model's voice: {answers['kept']} of {answers['asked']} kept; written "
+              "answers kept for the rest (" + ", ".join(f"{k}: {v}" for k, v in answers["dropped"].items()) + ")")
+    write_json(data, rows, indent=1)
 
     ballast = args.ballast if args.ballast is not None else defaults["ballast"]
     configs = (ModelArgs(model=args.model),
@@ -221,7 +256,7 @@ def main(argv: list[str]):
     wall = round(time.time() - start, 1)
     write_report(out / "report", results, ev.samples, {"checkpoint": ckpt, "wall_seconds": wall, "seed": args.seed,
                                                       "train_seconds": result["train_seconds"], "sft_argv": sft,
-                                                      "stage2": stage2,
+                                                      "stage2": stage2, "identity_answers": answers,
                                                       "seconds_per_task": ev.seconds, "notes": ev.notes,
                                                       "template": ev.template}, ev.details)
 
