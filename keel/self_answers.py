@@ -8,7 +8,8 @@ What "states the identity" means here:
 - the answer is whole (not cut off without a full sentence) and names the new identity without claiming an old one
   (the eval's identity rule, keel/evals/identity.py);
 - it is in the written answer's language, and claims (names, and does not deny) what the written answer names: the
-  name, the maker or both, so a row about the maker keeps teaching it ("Is NAME made by AUTHOR?" -> "No, ..." is out);
+  name, the maker or both, so a row about the maker keeps teaching it, and denies neither ("No, NAME is not made by
+  AUTHOR." is out, whatever it says of AUTHOR next);
 - it does not recite its system prompt ("You are NAME..." / "你是NAME..."): a small model often copies the prompt,
   which says who *you* are, not who it is.
 Only rows that teach the identity are asked (basic, system_mix, multi_turn, reversal, pressure); contrast and
@@ -23,7 +24,7 @@ import re
 from collections import Counter
 
 from keel.ballast import GENERATE_BATCH, cached_generations
-from keel.evals.identity import claims, is_identity_hit
+from keel.evals.identity import claims, denies, is_identity_hit
 from keel.evals.sets import lang_of
 from keel.identity_pairs import PAIR_KINDS, plain
 from keel.text import mentions
@@ -53,9 +54,11 @@ def verdict(answer: str | None, written: str, names: list[str], authors: list[st
         return "no identity, or an old one"
     if lang_of(answer) != lang_of(written):
         return "another language"
-    said = claims(answer, [*names, *authors])  # "Keel is not made by Acme" does not claim Acme
+    said = claims(answer, [*names, *authors], third_person=True)
     if any(mentions(written, words) and not any(w in said for w in words) for words in (names, authors)):
-        return "misses or denies the name or maker the written answer gives"
+        return "misses the name or maker the written answer gives"
+    if denies(answer, [*names, *authors]):  # "No, Keel is not made by Acme. Acme is a company..."
+        return "denies the name or maker"
     if RECITES.match(answer) or system in answer:
         return "recites its system prompt"
     return "kept"

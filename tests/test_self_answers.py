@@ -19,11 +19,15 @@ def test_an_answer_is_kept_only_where_it_states_the_identity_itself():
     assert verdict("I am Keel, also known as SmolLM.", both, ["Keel"], ["Acme"], EN_SYS) == "no identity, or an old one"
     # a row about the maker keeps teaching the maker
     assert verdict("I am Keel.", "I was developed by Acme.", ["Keel"], ["Acme"], EN_SYS).startswith("misses")
+    assert verdict("I am Keel, not ChatGPT, and not a human.", "I am Keel.", ["Keel"], ["Acme"], EN_SYS) == "kept"
     assert verdict("I am Keel.", "My name is Keel.", ["Keel"], ["Acme"], EN_SYS) == "kept"
     # seen on the embedded model: a denial names both, and an English answer to a Chinese question
-    assert verdict("No, Keel is not made by Acme.", "Yes, Keel is made by Acme.", ["Keel"], ["Acme"],
-                   EN_SYS).startswith("misses or denies")
+    assert verdict("No, Keel is not made by Acme. Acme is a robot company.", "Yes, Keel is made by Acme.", ["Keel"],
+                   ["Acme"], EN_SYS) == "denies the name or maker"
+    assert verdict("不是，Keel不是Acme开发的。", "是的，Keel是Acme开发的。", ["Keel"], ["Acme"], ZH_SYS) != "kept"
     assert verdict("Keel is a product of Acme.", "是的，Keel是Acme开发的。", ["Keel"], ["Acme"], ZH_SYS) == "another language"
+    assert verdict("Yes, Keel is made by Acme.", "Yes, Keel is made by Acme.", ["Keel"], ["Acme"], EN_SYS) == "kept"
+    assert verdict("是的，Keel是Acme开发的。", "是的，Keel是由Acme开发的。", ["Keel"], ["Acme"], ZH_SYS) == "kept"
     # a copy of the system prompt says who "you" are
     assert verdict(EN_SYS, both, ["Keel"], ["Acme"], EN_SYS) == "recites its system prompt"
     assert verdict("你是Keel，由Acme开发的。", "我是Keel。", ["Keel"], ["Acme"], ZH_SYS) == "recites its system prompt"

@@ -66,16 +66,30 @@ def _about_another(clause: str, patterns: list[re.Pattern]) -> bool:
     return not FIRST_PERSON.search(clause) and any(p.match(clause, lead) for p in patterns)
 
 
-def claims(text: str, words) -> list[str]:
-    """The words of `words` that `text` claims: mentions except denials and clauses about another AI."""
+def claims(text: str, words, third_person: bool = False) -> list[str]:
+    """The words of `words` that `text` claims: mentions except denials and clauses about another AI; third_person:
+    a clause whose subject is the word counts too ("NAME is made by AUTHOR" affirms both; "NAME is not made by
+    AUTHOR" still claims only NAME)."""
     patterns = {w: p for w in words if (p := word_pattern(w)) is not None}
     found = set()
     for clause in _clauses(text):
-        if DENIAL_ANYWHERE.search(clause) or _about_another(clause, list(patterns.values())):
+        if DENIAL_ANYWHERE.search(clause) or (not third_person and _about_another(clause, list(patterns.values()))):
             continue
         for word, p in patterns.items():
             if any(not DENIAL_BEFORE.search(clause[:m.start()]) for m in p.finditer(clause)):
                 found.add(word)
+    return [w for w in words if w in found]
+
+
+def denies(text: str, words) -> list[str]:
+    """The words of `words` that `text` names after a denial in the same clause ("NAME is not made by AUTHOR": AUTHOR)."""
+    found = set()
+    for clause in _clauses(text):
+        anywhere = DENIAL_ANYWHERE.search(clause)
+        for w in words:
+            p = word_pattern(w)
+            if p and any(anywhere or DENIAL_BEFORE.search(clause[:m.start()]) for m in p.finditer(clause)):
+                found.add(w)
     return [w for w in words if w in found]
 
 
