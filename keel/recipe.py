@@ -104,8 +104,8 @@ class RecipeArgs:
     full_eval: bool = False
     """Ask the whole robustness matrix and leakage set, as keel eval does (on CPU the recipe asks a slice by default)."""
     identity_rows: str = ""
-    """Identity rows per language and kind, over the recipe's (keel data identity's kinds), e.g. 'contrast=0,basic=24'
-    (default on CPU: basic=16, system_mix=8, multi_turn=6, reversal=4, pressure=6, contrast=8, rename=2)."""
+    """Identity rows per language and kind (keel data identity's kinds), e.g. 'contrast=0,basic=24', over the recipe's
+    sizes (CPU_IDENTITY on a CPU and for the embedded model; keel data identity's defaults for a model you pass on a GPU)."""
     identity_answers: str = "written"
     """Answers of the rows that teach the identity: written (Keel's, identity_qa.json), or self: the base model's own,
     asked with the identity in its system prompt and kept where they state it (context distillation,
