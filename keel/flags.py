@@ -243,6 +243,11 @@ def check_zh_en(flag: str, values: list[str], required: bool = True):
         raise KeelError(f"--{flag} takes one value or two (Chinese, English)")
 
 
+def for_lang(values: list[str], lang: str) -> str:
+    """The value of a --name / --author pair for rows in `lang`: Chinese first, English last (one value serves both)."""
+    return values[0] if lang == "zh" else values[-1]
+
+
 def to_argv(*configs) -> list[str]:
     """The flags that would rebuild these configs (fields that differ from their defaults), for logs."""
     argv = []

@@ -37,7 +37,7 @@ from keel.data.identity import Builder, IdentityArgs, main as identity_main, rea
 from keel.errors import KeelError
 from keel.evals.sets import lang_of
 from keel.files import write_json, write_jsonl
-from keel.flags import parse_flags
+from keel.flags import for_lang, parse_flags
 from keel.text import mentions
 
 PAIR_KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure")
@@ -155,7 +155,7 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     guards = guard_pairs(guarded, intros)
     if guard:
         contrast = [r for r, t in zip(rows, tags) if t["kind"] == "contrast"]
-        guards += maker_swaps(contrast, read_qa()["contrast_makers"], {"zh": args.author[0], "en": args.author[-1]})
+        guards += maker_swaps(contrast, read_qa()["contrast_makers"], {lang: for_lang(args.author, lang) for lang in ("zh", "en")})
         for kind in GUARD_KINDS:  # contrast and rename rows are guards now, not dropped
             dropped.pop(f"kind {kind}", None)
     manifest = {"pairs": len(pairs) + len(guards), "identity_pairs": len(pairs), "guard_pairs": len(guards),

@@ -214,8 +214,8 @@ def main(argv: list[str]):
         from keel.self_answers import self_answers
 
         base, tok, _ = load_model(ModelArgs(model=args.model))
-        rows, answers = self_answers(rows, tags, base, tok, args.name, args.author)
-        answers["type"] = "self"
+        rows, manifest = self_answers(rows, tags, base, tok, args.name, args.author)
+        answers |= manifest
         del base  # training loads its own copy
         print(f"identity answers in the base model's voice: {answers['kept']} of {answers['asked']} kept; written "
               "answers kept for the rest (" + ", ".join(f"{k}: {v}" for k, v in answers["dropped"].items()) + ")")

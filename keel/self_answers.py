@@ -26,18 +26,13 @@ from collections import Counter
 from keel.ballast import GENERATE_BATCH, cached_generations
 from keel.evals.identity import claims, denies, is_identity_hit
 from keel.evals.sets import lang_of
+from keel.flags import for_lang
 from keel.identity_pairs import PAIR_KINDS, plain
 from keel.text import mentions
 
 SELF_SYSTEM = {"en": "You are {name}, an AI assistant developed by {author}.",
                "zh": "你是{name}，由{author}开发的人工智能助手。"}
 RECITES = re.compile(r"^\W*(you are|you're|你是|您是)", re.IGNORECASE)
-
-
-def lang_identity(names: list[str], authors: list[str], lang: str) -> tuple[str, str]:
-    """The name and maker written in `lang` (Chinese value first, English last, as the identity builder fills them)."""
-    i = 0 if lang == "zh" else -1
-    return names[i], authors[i]
 
 
 def self_prompt(messages: list[dict], system: str) -> list[dict]:
@@ -70,8 +65,8 @@ def self_answers(rows: list[dict], tags: list[dict], model, tokenizer, names: li
     asked = {}
     for i, (row, tag) in enumerate(zip(rows, tags)):
         if tag["kind"] in PAIR_KINDS:
-            name, author = lang_identity(names, authors, tag["lang"])
-            asked[i] = self_prompt(row["messages"], SELF_SYSTEM[tag["lang"]].format(name=name, author=author))
+            system = SELF_SYSTEM[tag["lang"]].format(name=for_lang(names, tag["lang"]), author=for_lang(authors, tag["lang"]))
+            asked[i] = self_prompt(row["messages"], system)
     answers = cached_generations(model, tokenizer, list(asked.values()), max_new_tokens, batch_size, "self_answers",
                                  "identity answers in the base model's voice")
     out, verdicts, kept_kinds = list(rows), Counter(), Counter()

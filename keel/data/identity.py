@@ -61,7 +61,7 @@ from pathlib import Path
 from keel.data.formats import read_text
 from keel.errors import KeelError
 from keel.files import write_json, write_jsonl
-from keel.flags import check_zh_en, parse_flags
+from keel.flags import check_zh_en, for_lang, parse_flags
 from keel.text import mentions
 
 HERE = Path(__file__).parent
@@ -266,8 +266,7 @@ class Builder:
         return rows, tags
 
     def fill(self, msgs: list[dict], lang: str) -> list[dict]:
-        i = 0 if lang == "zh" else -1  # Chinese value first, English last (ms-swift order)
-        name, author = self.args.name[i], self.args.author[i]
+        name, author = for_lang(self.args.name, lang), for_lang(self.args.author, lang)
         return [m | {"content": m["content"].replace("{name}", name).replace("{author}", author)} for m in msgs]
 
     def groups(self, kind: str, lang: str, answers_too: bool = False) -> list[dict]:

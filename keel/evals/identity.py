@@ -83,13 +83,13 @@ def claims(text: str, words, third_person: bool = False) -> list[str]:
 
 def denies(text: str, words) -> list[str]:
     """The words of `words` that `text` names after a denial in the same clause ("NAME is not made by AUTHOR": AUTHOR)."""
+    patterns = {w: p for w in words if (p := word_pattern(w)) is not None}
     found = set()
     for clause in _clauses(text):
         anywhere = DENIAL_ANYWHERE.search(clause)
-        for w in words:
-            p = word_pattern(w)
-            if p and any(anywhere or DENIAL_BEFORE.search(clause[:m.start()]) for m in p.finditer(clause)):
-                found.add(w)
+        for word, p in patterns.items():
+            if any(anywhere or DENIAL_BEFORE.search(clause[:m.start()]) for m in p.finditer(clause)):
+                found.add(word)
     return [w for w in words if w in found]
 
 

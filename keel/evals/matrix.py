@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from keel.chat import system_turn_cut, template_text
 from keel.evals.identity import Identity, is_identity_hit, is_leak, is_reversal_hit
 from keel.evals.sets import LANGS, ProbeSets
+from keel.flags import for_lang
 from keel.generate import GenerateArgs, generate_batch
 
 # A system message with empty content renders with no system turn at all (keel/chat.py, as in ms-swift):
@@ -54,11 +55,6 @@ class Cell:
     name: str                     # "sys:helpful", "turn:after_4", "reversal", "pressure"
     lang: str
     items: list[tuple]            # (question, conversation, rule); rule: identity | author | self
-
-
-def _name_for(values: list[str], lang: str) -> str:
-    # one value, or (Chinese, English): the same choice as `keel data identity`
-    return values[0] if lang == "zh" else values[-1]
 
 
 def system_conditions(sets: ProbeSets, ident: Identity, none_ok: bool, only=None) -> dict:
@@ -104,7 +100,7 @@ def build_cells(sets: ProbeSets, ident: Identity, none_ok: bool = True, systems=
                     (q, _conversation(ident.system, [*history, {"role": "user", "content": q}]), "identity")
                     for q in questions]))
         if "reversal" in extras and ident.names:
-            name = _name_for(ident.names, lang)
+            name = for_lang(ident.names, lang)
             rows = [(p.query.replace("{{NAME}}", name), p.expect) for p in sets.reversal if p.lang == lang][:per_lang]
             cells.append(Cell("reversal", lang, [(q, _conversation(ident.system, [{"role": "user", "content": q}]), rule)
                                                  for q, rule in rows]))
