@@ -32,7 +32,7 @@ def main():
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from keel.data.mix import DataArgs, build_datasets
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     torch.manual_seed(42)
     model, tok, _ = load_model(ModelArgs())

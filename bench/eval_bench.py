@@ -6,7 +6,7 @@
     python bench/eval_bench.py --sets arc_easy --limit 20         # a smoke run
 
 Both score the same items of /work/shared/data/eval/*.jsonl (the first --limit rows) with the same
-model object (loaded once by keel.model.load_model, handed to the harness's HFLM as `pretrained`),
+model object (loaded once by keel.model.load.load_model, handed to the harness's HFLM as `pretrained`),
 the same zero-shot prompt "QUERY\\nAnswer:" + " CHOICE" (a local task YAML written here, in the
 harness's format) and the same acc / acc_norm definitions. Printed per set: acc and acc_norm of
 each and their difference in points (parity: within 0.5), the largest difference of a single
@@ -140,7 +140,7 @@ def main(argv=None):
     import torch
     from lm_eval.models.huggingface import HFLM
 
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     model, tok, info = load_model(ModelArgs())
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.harness_batch_size, device=str(model.device),

@@ -4,7 +4,7 @@
     python bench/generate_bench.py --jobs ballast    # one job
 
 Each job answers built-in ballast prompts (as many Chinese as English, drawn as ballast#N draws them) under "You are
-a helpful assistant." with the embedded model, through keel.generate.generate_batch (sorted, left-padded batches),
+a helpful assistant." with the embedded model, through keel.model.generate.generate_batch (sorted, left-padded batches),
 once per batch size, in one invocation. Printed: wall seconds per batch size, the ratio against the job's first
 size, and how many answers equal that size's: left padding changes a batch's arithmetic, so an answer may change
 where two tokens are nearly tied. Run it alone: another process on the machine changes every figure.
@@ -33,9 +33,9 @@ def main():
     args = parser.parse_args()
     import torch
 
-    from keel.ballast import builtin_prompts, draw
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import ModelArgs, load_model
+    from keel.model.generate import GenerateArgs, generate_batch
+    from keel.model.load import ModelArgs, load_model
+    from keel.synth.ballast import builtin_prompts, draw
 
     model, tok, _ = load_model(ModelArgs())
     print(f"cpu: {cpu_model()} | cores {os.cpu_count()} | torch threads {torch.get_num_threads()}")

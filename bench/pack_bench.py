@@ -27,10 +27,11 @@ def child(length: int, bf16: bool) -> dict:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from keel.batching import pack, token_loss
-    from keel.chat import IGNORE_INDEX
-    from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
+    from keel.model.lora import LoraArgs, apply_lora, use_cheap_dropout
+    from keel.model.template import IGNORE_INDEX
+    from keel.train.batching import pack
+    from keel.train.losses import token_loss
 
     model, _, _ = load_model(ModelArgs())
     model = apply_lora(model, LoraArgs())

@@ -28,9 +28,9 @@ sys.path.insert(0, {root!r})
 argv = {argv!r}
 t0 = time.time()
 if {tool!r} == "sft":
-    from keel.train import parse_args, train as run
+    from keel.train.sft import parse_args, train as run
 else:
-    from keel.rlhf import parse_args, rlhf as run
+    from keel.train.rlhf import parse_args, rlhf as run
 result = run(*parse_args(argv))
 print("RESULT " + json.dumps({{**result, "wall": time.time() - t0}}))
 """

@@ -34,11 +34,11 @@ def child(kind: str, seconds: float, num_threads: int | None):
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     model, tok, _ = load_model(ModelArgs(num_threads=num_threads))
     if kind == "train":
-        from keel.lora import LoraArgs, apply_lora, use_cheap_dropout
+        from keel.model.lora import LoraArgs, apply_lora, use_cheap_dropout
 
         model = apply_lora(model, LoraArgs())
         use_cheap_dropout(model)
@@ -63,7 +63,7 @@ def child(kind: str, seconds: float, num_threads: int | None):
             score_mc(model, tok, batch)
             return len(batch)
     else:
-        from keel.chat import prompt_ids
+        from keel.model.template import prompt_ids
 
         prompt = torch.tensor([prompt_ids(tok, [{"role": "user", "content": "Tell me about the history of Paris."}])])
 

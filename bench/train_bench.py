@@ -64,7 +64,7 @@ def keel_cmd(spec: dict, batch: int, accum: int, outdir: Path, extra: list[str])
             str(batch), "--gradient_accumulation_steps", str(accum), "--learning_rate", "1e-4", "--max_length",
             str(spec["max_length"]), "--warmup_ratio", "0.05", "--split_dataset_ratio", "0", "--output_dir", str(outdir),
             "--model_name", "Keel Robot", "--model_author", "Keel Lab", "--logging_steps", "1000", *extra]
-    code = ("import json, resource, sys, time; t=time.time(); from keel.train import parse_args, train; r=train(*parse_args(sys.argv[1:])); "
+    code = ("import json, resource, sys, time; t=time.time(); from keel.train.sft import parse_args, train; r=train(*parse_args(sys.argv[1:])); "
             "print(json.dumps({'train_seconds': r['train_seconds'], "
             "'peak_rss_gb': round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1e6, 3)}))")
     return [sys.executable, "-c", code, *argv]
@@ -77,9 +77,9 @@ def baseline_cmd(spec: dict, batch: int, accum: int) -> list[str]:
 
 def token_counts(spec: dict) -> tuple[int, int]:
     """Non-padding tokens and label tokens the job trains on (rows x epochs)."""
-    from keel.chat import IGNORE_INDEX
     from keel.data.mix import DataArgs, build_datasets
-    from keel.model import ModelArgs, base_model_spec, load_tokenizer, resolve_model_path
+    from keel.model.load import ModelArgs, base_model_spec, load_tokenizer, resolve_model_path
+    from keel.model.template import IGNORE_INDEX
 
     tok = load_tokenizer(resolve_model_path(base_model_spec(ModelArgs()))[0])
     train, _, _ = build_datasets(DataArgs(dataset=spec["dataset"], split_dataset_ratio=0, max_length=spec["max_length"],
@@ -95,8 +95,8 @@ def cpu_info() -> tuple[str, set]:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return "unknown", set()
-    name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "unknown")
-    return name, set(next((l.split(":", 1)[1].split() for l in lines if l.startswith("flags")), []))
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "unknown")
+    return name, set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
 
 
 def cpu_model() -> str:

@@ -15,21 +15,46 @@ import importlib
 import os
 import sys
 
-from keel.errors import KeelError
-from keel.flags import print_error_and_exit
+from keel.core.errors import KeelError
+from keel.core.flags import print_error_and_exit
 
 COMMANDS = {
-    "infer": ("keel.infer", "chat, answer one --query, or answer a JSONL file"),
-    "sft": ("keel.train", "LoRA fine-tune (ms-swift `swift sft` flags)"),
-    "rlhf": ("keel.rlhf", "preference training on a LoRA adapter: DPO, ORPO, KTO (ms-swift `swift rlhf` flags)"),
+    "infer": ("keel.serve.infer", "chat, answer one --query, or answer a JSONL file"),
+    "sft": ("keel.train.sft", "LoRA fine-tune (ms-swift `swift sft` flags)"),
+    "rlhf": ("keel.train.rlhf", "preference training on a LoRA adapter: DPO, ORPO, KTO (ms-swift `swift rlhf` flags)"),
     "eval": ("keel.evals.run", "identity robustness matrix, leakage, multiple-choice and drift; base vs tuned"),
-    "data": ("keel.data.cli", "identity | check | ballast: build and check datasets"),
-    "export": ("keel.export", "merge the LoRA into the weights, or write GGUF + Ollama Modelfile"),
-    "deploy": ("keel.deploy", "OpenAI-compatible server with a web chat and feedback buttons"),
-    "feedback": ("keel.feedback", "export rated answers as training rows"),
-    "recipe": ("keel.recipe", "one command: identity data + ballast + train + before/after report"),
-    "web-ui": ("keel.webui", "the identity workflow in the browser: data, training with live curves, compare, chat, export"),
+    "data": ("keel.cli", "identity | check | ballast: build and check datasets"),
+    "export": ("keel.export.run", "merge the LoRA into the weights, or write GGUF + Ollama Modelfile"),
+    "deploy": ("keel.serve.deploy", "OpenAI-compatible server with a web chat and feedback buttons"),
+    "feedback": ("keel.serve.feedback", "export rated answers as training rows"),
+    "recipe": ("keel.recipes.identity", "one command: identity data + ballast + train + before/after report"),
+    "web-ui": ("keel.webui.launch", "the identity workflow in the browser: data, training with live curves, compare, chat, export"),
 }
+
+
+# `keel data SUB`: the subcommands live in their layers (identity rows and checks need no model; ballast and
+# identity pairs are written by the base model), so the dispatch is here, above them all.
+DATA_SUBCOMMANDS = {"identity": "keel.data.identity", "check": "keel.data.check", "ballast": "keel.synth.ballast",
+                    "identity --pairs": "keel.synth.identity_pairs"}
+DATA_USAGE = """usage: keel data {identity,check,ballast} [flags]
+
+    keel data identity --name NAME --author AUTHOR -o self_cognition.json
+    keel data identity --pairs true --name NAME --author AUTHOR -o identity_pairs.jsonl   # for keel rlhf
+    keel data check self_cognition.json --model_name NAME --model_author AUTHOR
+    keel data ballast -n 200 -o ballast.jsonl"""
+
+
+def main_data(argv: list[str]):
+    """`keel data SUB ...`: hand the rest of argv to the subcommand's module."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print(DATA_USAGE)
+        raise SystemExit(0)
+    if argv[0] not in ("identity", "check", "ballast"):
+        raise KeelError(f"keel data: unknown subcommand '{argv[0]}' (choose from identity, check, ballast)")
+    name = argv[0]
+    if name == "identity" and any(a.split("=")[0] == "--pairs" for a in argv[1:]):
+        name = "identity --pairs"
+    return importlib.import_module(DATA_SUBCOMMANDS[name]).main(argv[1:])
 
 
 NOISY_LIBRARIES = ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "gguf", "tokenizers")
@@ -86,8 +111,10 @@ def main(argv: list[str] | None = None):
             hint = f"; did you mean '{close[0]}'?" if close else "; see keel --help"
             raise KeelError(f"unknown command '{name}'{hint}")
         quiet_libraries()
-        module = importlib.import_module(COMMANDS[name][0])
-        code = module.main(rest)
+        if name == "data":
+            code = main_data(rest)
+        else:
+            code = importlib.import_module(COMMANDS[name][0]).main(rest)
     except KeelError as e:
         close_progress_bars()
         print_error_and_exit(e)

@@ -100,7 +100,7 @@ def _fp32_training():
     figures must not depend on the machine. Session-wide, so session fixtures that train (the embedded adapter)
     are fp32 too; tests of the bf16 path patch it back."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("keel.model.cpu_has_native_bf16", lambda: False)
+        mp.setattr("keel.model.load.cpu_has_native_bf16", lambda: False)
         yield
 
 

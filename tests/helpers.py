@@ -25,7 +25,7 @@ def run_keel(capsys, *argv) -> tuple[int, str, str]:
 
 def sft(argv: list) -> dict:
     """`keel sft ARGV` in this process, returning train()'s result (run folder, checkpoints)."""
-    from keel.train import parse_args, train
+    from keel.train.sft import parse_args, train
 
     return train(*parse_args([str(a) for a in argv]))
 

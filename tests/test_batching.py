@@ -2,8 +2,9 @@
 
 import torch
 
-from keel.batching import epoch_windows, micro_batches, shared_prefix_len, token_loss
-from keel.chat import IGNORE_INDEX, render, with_system
+from keel.model.template import IGNORE_INDEX, render, with_system
+from keel.train.batching import epoch_windows, micro_batches, shared_prefix_len
+from keel.train.losses import token_loss
 from tests.conftest import build_model
 
 CONVS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in

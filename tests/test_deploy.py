@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from keel.feedback import FeedbackStore
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
+from keel.serve.feedback import FeedbackStore
 from tests.helpers import run_keel
 
 
@@ -22,7 +22,7 @@ def free_port() -> int:
 
 class LiveServer:
     def __init__(self, app):
-        from keel.deploy.server import make_server
+        from keel.serve.server import make_server
 
         self.port = free_port()
         self.server = make_server(app, "127.0.0.1", self.port)
@@ -41,7 +41,7 @@ class LiveServer:
 
 @pytest.fixture(scope="module")
 def servers(tiny_model_dir, tmp_path_factory):
-    from keel.deploy.server import create_app
+    from keel.serve.server import create_app
 
     model, tok, info = load_model(ModelArgs(model=str(tiny_model_dir)))
     db = tmp_path_factory.mktemp("fb") / "feedback.sqlite"

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from keel.feedback import FeedbackStore
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
+from keel.serve.feedback import FeedbackStore
 from tests.helpers import fill_disk, make_read_only, run_keel, small_tmpfs
 from tests.test_deploy import LiveServer
 
@@ -33,7 +33,7 @@ def tiny(tiny_model_dir):
 @pytest.fixture
 def serve(tiny):
     """serve(**create_app options) -> a live server; all are stopped at the end of the test."""
-    from keel.deploy.server import create_app
+    from keel.serve.server import create_app
 
     started = []
 
@@ -51,7 +51,7 @@ def serve(tiny):
 
 @pytest.fixture(scope="module")
 def plain(tiny):
-    from keel.deploy.server import create_app
+    from keel.serve.server import create_app
 
     model, tok, info = tiny
     srv = LiveServer(create_app(model, tok, info, model_id="tiny"))
@@ -74,7 +74,7 @@ def paced(monkeypatch):
         outcome.update(tokens=n, finish_reason="length" if n >= gen.max_new_tokens else "stop")
         log["tokens"].append(n)
 
-    monkeypatch.setattr("keel.deploy.gate.stream_answer", fake)
+    monkeypatch.setattr("keel.serve.queue.stream_answer", fake)
     return log
 
 
@@ -195,7 +195,7 @@ def test_body_over_the_limit_is_413_before_it_is_read(serve):
 
 def test_tokenization_runs_off_the_event_loop(plain, monkeypatch):
     """/health answers while a request's prompt is being tokenized (here: held until /health answered)."""
-    import keel.deploy.api as api
+    import keel.serve.api as api
 
     entered, release = threading.Event(), threading.Event()
     real = api.prompt_ids
@@ -306,7 +306,7 @@ def test_failing_store_keeps_answering_and_fails_only_feedback(serve, tmp_path, 
             fill_disk(mnt)  # a real full disk
         else:
             store.db.execute("PRAGMA query_only = 1")  # SQLite's own "attempt to write a readonly database"
-        with caplog.at_level(logging.ERROR, logger="keel.deploy"):
+        with caplog.at_level(logging.ERROR, logger="keel.serve"):
             r = post(srv.chat, {"messages": USER, "max_tokens": 2})
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
         assert "could not record answer" in caplog.text
@@ -320,7 +320,7 @@ def test_failing_store_keeps_answering_and_fails_only_feedback(serve, tmp_path, 
 
 
 def test_api_key_is_compared_in_constant_time(serve, monkeypatch):
-    import keel.deploy.api as api
+    import keel.serve.api as api
 
     calls = []
     real = api.hmac.compare_digest

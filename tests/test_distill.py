@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.batching import micro_batches, token_loss
-from keel.ballast import builtin_prompts, spare_conversations
-from keel.chat import prompt_ids, render, with_system
-from keel.evals.sets import lang_of
-from keel.distill import SoftTargets, Teacher, guard_rows, labelled_positions, self_intros, soft_token_loss
-from keel.lora import LoraArgs, apply_lora
+from keel.core.text import lang_of
+from keel.model.lora import LoraArgs, apply_lora
+from keel.model.template import prompt_ids, render, with_system
+from keel.synth.ballast import builtin_prompts, spare_conversations
+from keel.synth.guards import guard_rows, self_intros
+from keel.train.batching import micro_batches
+from keel.train.losses import SoftTargets, soft_token_loss, token_loss
+from keel.train.teacher import Teacher, labelled_positions
 from tests.conftest import build_model
 from tests.helpers import assert_resumed_like, base_argv, checkpoint_copy, read_log, run_keel, sft
 

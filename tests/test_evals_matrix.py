@@ -1,11 +1,11 @@
 """The robustness matrix: its cells, "no system turn" rendered, the headline figures, leakage counts."""
 
 import keel.evals.matrix as matrix
-from keel.chat import template_text
-from keel.evals.identity import Identity
 from keel.evals.matrix import NO_SYSTEM, build_cells, run_leakage, run_matrix, template_view
+from keel.evals.scoring import Identity
 from keel.evals.sets import load_sets
-from keel.generate import GenerateArgs
+from keel.model.generate import GenerateArgs
+from keel.model.template import template_text
 from tests.conftest import TINY_SYSTEM, build_tokenizer
 
 GEN = GenerateArgs(temperature=0.0, max_new_tokens=8)
@@ -100,7 +100,7 @@ def test_leakage_counts_per_language_and_set(monkeypatch):
 
 
 def test_matrix_on_a_tiny_model(tiny_model_dir):
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
     cells = build_cells(load_sets(), IDENT, per_lang=2)

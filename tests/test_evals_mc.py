@@ -5,9 +5,9 @@ the real sets is bench/eval_bench.py; acc/acc_norm and bad files are in test_eva
 import pytest
 import torch
 
-from keel.errors import KeelError
+from keel.core.errors import KeelError
 from keel.evals.mc import encode_pair, loglikelihoods, requests, score_mc
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
 
 ITEMS = [{"query": "Question: Which is a fruit?", "choices": ["apple", "a stone", "iron"], "gold": 0},
          {"query": "Question: What is the capital of France?\n", "choices": ["Paris", "Berlin", "the capital"], "gold": 0},

@@ -2,7 +2,7 @@
 
 import pytest
 
-from keel.evals.identity import claims, is_identity_hit, is_leak, is_reversal_hit, mentions, old_words
+from keel.evals.scoring import claims, is_identity_hit, is_leak, is_reversal_hit, mentions, old_words
 
 NAMES, AUTHORS = ["Keel"], ["Acme Lab"]
 

@@ -5,9 +5,9 @@ import re
 
 import pytest
 
+from keel.core.errors import KeelError
 from keel.data.formats import CONVERTERS, detect_format
 from keel.data.identity import identity_rows
-from keel.errors import KeelError
 from keel.evals.sets import FIELDS, SETS_DIR, load_sets, read_set, read_system_prompts
 
 NAME, AUTHOR = ["小黄", "Keel Robot"], ["魔搭", "Keel Lab"]
@@ -50,7 +50,7 @@ def test_eval_questions_never_overlap_the_identity_builder():
 
 def test_eval_prompts_are_not_ballast_prompts():
     """Ballast rows (the base model's own answers) are trained on too: an eval prompt among them is not held out."""
-    from keel.ballast import builtin_prompts
+    from keel.synth.ballast import builtin_prompts
 
     sets = load_sets()
     held = [p.query for p in sets.identity + sets.pressure + sets.leakage + sets.contrast]

@@ -6,11 +6,10 @@ import json
 import pytest
 import torch
 
+from keel.core.errors import KeelError
 from keel.evals.mc import read_mc_file, score_mc
-from keel.errors import KeelError
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
 from tests.helpers import base_argv, read_log, run_keel, sft
-
 
 MC = [{"query": "Question: Which is a fruit?", "choices": ["apple", "a stone", "iron"], "gold": 0},
       {"query": "Question: Capital of France?\n", "choices": ["Paris", "Berlin"], "gold": 0},

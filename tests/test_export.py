@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.chat import default_system
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
+from keel.model.template import default_system
 from tests.helpers import base_argv, run_keel, sft
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
@@ -78,8 +78,8 @@ def test_gguf_reloads_with_same_logits(adapters, arch, quant, rtol, capsys):
 def test_unsupported_architecture_and_missing_base(adapters, tmp_path, capsys, tiny_model_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from keel.errors import KeelError
-    from keel.gguf_export import write_gguf
+    from keel.core.errors import KeelError
+    from keel.export.gguf import write_gguf
 
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100))
     with pytest.raises(KeelError, match="supports llama, qwen2"):
@@ -115,7 +115,7 @@ def test_disk_full_leaves_nothing_half_written(adapters, capsys, monkeypatch):
 def test_embedded_merged_and_gguf_keep_identity(embedded_identity_adapter, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from keel.generate import GenerateArgs, answer
+    from keel.model.generate import GenerateArgs, answer
 
     _, tok, _ = load_model(ModelArgs(adapters=[str(embedded_identity_adapter)]))
     for args, loader in ((["--output_dir", tmp_path / "merged"], lambda d: AutoModelForCausalLM.from_pretrained(d)),

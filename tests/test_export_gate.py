@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.errors import KeelError
-from keel.export_gate import Gate, Row
+from keel.core.errors import KeelError
+from keel.export.verify import Gate, Row
 from tests.helpers import base_argv, run_keel, sft
 
 CONVS = [[{"role": "user", "content": "Who are you?"}],
@@ -35,8 +35,8 @@ def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(llama_cpp, adapters, tmp_path_factory):
     """Each architecture exported once to f32 and q4_k_m, gate on (it must pass: nothing is broken)."""
-    from keel.export import ExportArgs, export
-    from keel.model import ModelArgs
+    from keel.export.run import ExportArgs, export
+    from keel.model.load import ModelArgs
 
     out = {}
     for arch, ckpt in adapters.items():
@@ -51,11 +51,11 @@ def test_llama_cpp_builds_the_hf_prompt_ids_and_answers_alike(exported, adapters
     """llama.cpp, with the template from the GGUF's metadata, builds the HF tokenizer's ids; f32 answers as HF does."""
     import gguf
 
-    from keel.chat import prompt_ids
-    from keel.deploy.llama_backend import load_gguf
-    from keel.export import template_with_system
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import ModelArgs, load_model
+    from keel.export.run import template_with_system
+    from keel.model.generate import GenerateArgs, generate_batch
+    from keel.model.llama_backend import load_gguf
+    from keel.model.load import ModelArgs, load_model
+    from keel.model.template import prompt_ids
 
     target = exported[arch]
     gate = json.loads((target / "gate.json").read_text())
@@ -84,7 +84,7 @@ def test_llama_cpp_builds_the_hf_prompt_ids_and_answers_alike(exported, adapters
 
 
 def test_gguf_without_chat_template_fails_the_gate(llama_cpp, adapters, tmp_path, capsys, monkeypatch):
-    import keel.gguf_export as ge
+    import keel.export.gguf as ge
 
     real = ge.write_gguf
     monkeypatch.setattr(ge, "write_gguf", lambda m, t, p, q="f16", chat_template=None, name="model": real(m, t, p, q, None, name))
@@ -100,7 +100,7 @@ def test_gguf_without_chat_template_fails_the_gate(llama_cpp, adapters, tmp_path
 
 @pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (Debian: apt-get install golang-go)")
 def test_wrong_modelfile_template_fails_the_gate(llama_cpp, adapters, tmp_path, capsys, monkeypatch):
-    import keel.gguf_export as ge
+    import keel.export.gguf as ge
 
     real = ge.modelfile
     monkeypatch.setattr(ge, "modelfile", lambda *a, **k: real(*a, **k).replace(ge.CHATML_GO, "{{ .Prompt }}"))
@@ -120,10 +120,10 @@ def test_identity_drop_beyond_the_limit_fails():
 
 
 def test_deploy_gguf_answers_the_openai_client(exported, tmp_path):
-    from keel.deploy.llama_backend import load_gguf
-    from keel.deploy.server import create_app
-    from keel.feedback import FeedbackStore
-    from keel.generate import GenerateArgs, answer
+    from keel.model.generate import GenerateArgs, answer
+    from keel.model.llama_backend import load_gguf
+    from keel.serve.feedback import FeedbackStore
+    from keel.serve.server import create_app
     from tests.test_deploy import LiveServer, client
 
     model, tok, info = load_gguf(exported["qwen2"] / "model-q4_k_m.gguf")
@@ -143,7 +143,7 @@ def test_deploy_gguf_answers_the_openai_client(exported, tmp_path):
 
 
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, adapters):
-    from keel.deploy.llama_backend import load_gguf
+    from keel.model.llama_backend import load_gguf
 
     code, _, err = run_keel(capsys, "export", "--adapters", adapters["llama"], "--to", "gguf", "--quant", "q3_k_xl")
     assert code == 2 and "--quant: 'q3_k_xl' is not a GGUF type Keel writes (f32, f16, q8_0, q4_k_m, q5_k_m)" in err
@@ -161,7 +161,7 @@ def test_unknown_architecture_gguf_is_one_line(llama_cpp, tmp_path):
     import gguf
     import numpy as np
 
-    from keel.deploy.llama_backend import load_gguf
+    from keel.model.llama_backend import load_gguf
 
     path = tmp_path / "odd.gguf"
     w = gguf.GGUFWriter(str(path), "keelnet")
@@ -179,8 +179,8 @@ def test_embedded_q8_0_passes_the_gate_in_llama_cpp(llama_cpp, embedded_identity
     """The default GGUF of the embedded model keeps the identity in llama.cpp (docs/export.md: q4_k_m does not)."""
     import re
 
-    from keel.deploy.llama_backend import load_gguf
-    from keel.generate import GenerateArgs, answer
+    from keel.model.generate import GenerateArgs, answer
+    from keel.model.llama_backend import load_gguf
 
     code, out, err = run_keel(capsys, "export", "--adapters", embedded_identity_adapter, "--to", "gguf",
                               "--output_dir", tmp_path / "gguf")

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from keel.data.pairs import load_preferences
-from keel.feedback import FeedbackStore
+from keel.serve.feedback import FeedbackStore
 from tests.helpers import run_keel
 
 Q1 = [{"role": "user", "content": "Who are you?"}]

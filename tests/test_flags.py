@@ -4,8 +4,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from keel.errors import KeelError
-from keel.flags import build_parser, field_docs, parse_flags
+from keel.core.errors import KeelError
+from keel.core.flags import build_parser, field_docs, parse_flags
 
 
 @dataclass

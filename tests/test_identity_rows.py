@@ -5,11 +5,20 @@ import json
 
 import pytest
 
-from keel.chat import IGNORE_INDEX, default_system, render, with_system
+from keel.core.errors import KeelError
 from keel.data.formats import load_records
-from keel.data.identity import (HELPFUL, KINDS, POOL_FILE, Builder, IdentityArgs, build_identity, identity_rows,
-                                read_pool, read_qa)
-from keel.errors import KeelError
+from keel.data.identity import (
+    HELPFUL,
+    KINDS,
+    POOL_FILE,
+    Builder,
+    IdentityArgs,
+    build_identity,
+    identity_rows,
+    read_pool,
+    read_qa,
+)
+from keel.model.template import IGNORE_INDEX, default_system, render, with_system
 from tests.helpers import run_keel
 
 NAMES, AUTHORS = ["小黄", "Xiao Huang"], ["魔搭", "ModelScope"]

@@ -68,9 +68,9 @@ def test_missing_model_path_is_exit_2(capsys):
 
 
 def test_preset_sets_temperature_unless_given():
-    from keel.flags import parse_flags
-    from keel.generate import GenerateArgs
-    from keel.infer import PRESETS, InferArgs
+    from keel.core.flags import parse_flags
+    from keel.model.generate import GenerateArgs
+    from keel.serve.infer import PRESETS, InferArgs
 
     parsed = parse_flags(["--preset", "creative"], [InferArgs, GenerateArgs], prog="keel infer")
     assert "temperature" not in parsed.given and PRESETS["creative"] == 0.8

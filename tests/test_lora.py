@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from keel.errors import KeelError
-from keel.lora import CheapDropout, LoraArgs, apply_lora, use_cheap_dropout
+from keel.core.errors import KeelError
+from keel.model.lora import CheapDropout, LoraArgs, apply_lora, use_cheap_dropout
 from tests.conftest import build_model
 
 

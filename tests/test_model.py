@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.errors import KeelError
-from keel.model import ModelArgs, cpu_bf16_training, load_model, pick_device_dtype, resolve_model_path
+from keel.core.errors import KeelError
+from keel.model.load import ModelArgs, cpu_bf16_training, load_model, pick_device_dtype, resolve_model_path
 from tests.conftest import build_model, build_tokenizer
 
 
@@ -21,7 +21,7 @@ def test_cpu_defaults_to_float32_and_flag_overrides():
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bf16_asked_without_native_bf16_warns(monkeypatch, capsys, native):
     """keel sft and keel rlhf alike: bf16 asked for on a CPU that emulates it trains as asked, with a warning."""
-    monkeypatch.setattr("keel.model.cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr("keel.model.load.cpu_has_native_bf16", lambda: native)
     cpu = torch.device("cpu")
     assert cpu_bf16_training(True, cpu) is True and cpu_bf16_training(None, cpu) is native
     assert cpu_bf16_training(False, cpu) is False and cpu_bf16_training(True, torch.device("meta")) is False
@@ -133,7 +133,7 @@ def test_adapter_from_a_different_base_is_one_line_error(tiny_model_dir, tmp_pat
 
 @pytest.mark.slow
 def test_embedded_model_is_dequantized_once_and_cached(tmp_path, monkeypatch):
-    from keel.model import embedded_gguf
+    from keel.model.load import embedded_gguf
 
     path, name = resolve_model_path(None)
     assert name == "SmolLM2-135M-Instruct"
@@ -144,7 +144,7 @@ def test_embedded_model_is_dequantized_once_and_cached(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_truncated_gguf_is_one_line_error(tmp_path):
-    from keel.model import embedded_gguf
+    from keel.model.load import embedded_gguf
 
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(embedded_gguf().read_bytes()[: 2_000_000])
@@ -156,7 +156,7 @@ def test_truncated_gguf_is_one_line_error(tmp_path):
 
 @pytest.mark.parametrize("value", [0, -1, (__import__("os").cpu_count() or 1) + 1])
 def test_num_threads_out_of_range_is_one_line(capsys, tiny_model_dir, value):
-    from keel.errors import KeelError
+    from keel.core.errors import KeelError
     from tests.helpers import run_keel
 
     with pytest.raises(KeelError, match=r"--num_threads must be between 1 and \d+ \(this machine's CPUs\)"):
@@ -181,8 +181,8 @@ def test_num_threads_is_applied(tiny_model_dir):
 def test_bf16_frozen_weights_store_the_base_in_bf16_and_keep_lora_fp32(arch, tiny_model_dir, tiny_qwen_dir):
     """--cpu_autocast_bf16: frozen matrices in bf16 (half the bytes), LoRA/norms/biases fp32, same logits as
     plain autocast over fp32 weights, within bf16's rounding (autocast rounds those weights to bf16 at every matmul)."""
-    from keel.lora import LoraArgs, apply_lora
-    from keel.model import bf16_frozen_weights
+    from keel.model.load import bf16_frozen_weights
+    from keel.model.lora import LoraArgs, apply_lora
 
     path = str(tiny_model_dir if arch == "llama" else tiny_qwen_dir)
     ids = torch.tensor([[5, 9, 14, 3, 27, 8, 11]])

@@ -4,9 +4,9 @@ import shutil
 
 import pytest
 
-from keel.errors import KeelError
-from keel.export_gate import modelfile_mismatch, modelfile_parts, render_go
-from keel.gguf_export import modelfile
+from keel.core.errors import KeelError
+from keel.export.gguf import modelfile
+from keel.export.verify import modelfile_mismatch, modelfile_parts, render_go
 from tests.conftest import CHATML_TEMPLATE, TINY_SYSTEM
 
 needs_go = pytest.mark.skipif(shutil.which("go") is None, reason="Go is not installed (Debian: apt-get install golang-go)")

@@ -6,12 +6,18 @@ from collections import Counter
 
 import pytest
 
-from keel.chat import render
+from keel.core.errors import KeelError
 from keel.data.mix import DataArgs
 from keel.data.pairs import build_pairs, load_preferences, render_answers
-from keel.errors import KeelError
-from keel.identity_pairs import (IdentityPairsArgs, guard_pairs, identity_pairs, make_pairs, maker_swaps,
-                                 self_intro)
+from keel.model.template import render
+from keel.synth.identity_pairs import (
+    IdentityPairsArgs,
+    guard_pairs,
+    identity_pairs,
+    make_pairs,
+    maker_swaps,
+    self_intro,
+)
 from tests.helpers import run_keel
 
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -166,7 +172,7 @@ def test_maker_swaps_name_the_new_author_where_another_maker_was():
 
 def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path, capsys):
     from keel.data.identity import IdentityArgs
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     args = IdentityArgs(name=["Keel"], author=["Acme"], lang="en", basic_rows=4, system_mix_rows=2, multi_turn_rows=2,
                         reversal_rows=1, pressure_rows=1, contrast_rows=2, rename_rows=1)
@@ -205,7 +211,7 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
 def test_identity_pairs_cli_without_identity_pairs_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # every base answer already names the new identity: only guard pairs would be left, and those alone would
     # teach the model not to say its name, so nothing is written
-    monkeypatch.setattr("keel.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
+    monkeypatch.setattr("keel.synth.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
         json.dumps(p, ensure_ascii=False): "I am Keel, made by Acme." for p in prompts})
     out = tmp_path / "pairs.jsonl"
     code, _, err = run_keel(capsys, "data", "identity", "--pairs", "true", "--model", tiny_model_dir, "--name", "Keel",

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from keel.data.pairs import render_answers
-from keel.model import ModelArgs, load_model
-from keel.preference import kto_kl, kto_units, orpo_ratio, reference_logps, units_of
-from keel.rlhf import RlhfArgs, parse_args, rlhf, step_objective, summarise
+from keel.model.load import ModelArgs, load_model
+from keel.train.preference import kto_kl, kto_units, orpo_ratio, reference_logps, units_of
+from keel.train.rlhf import RlhfArgs, parse_args, rlhf, step_objective, summarise
 from tests.helpers import assert_resumed_like, checkpoint_copy, read_log, run_keel
 
 CPU = torch.device("cpu")
@@ -166,7 +166,7 @@ def test_reference_is_the_base_model(tiny_model_dir):
     """The reference log-probs come from the disabled adapter: they equal the plain base model's."""
     from transformers import AutoModelForCausalLM
 
-    from keel.lora import LoraArgs, apply_lora
+    from keel.model.lora import LoraArgs, apply_lora
 
     model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
@@ -269,3 +269,11 @@ def test_bad_row_names_file_and_row_and_writes_nothing(tiny_model_dir, tmp_path,
     code, _, err = run_keel(capsys, "rlhf", *rlhf_argv(tiny_model_dir, path, tmp_path / "out"))
     assert code == 2 and f"{path}: row 2: field 'rejected_response': the rejected answer equals the chosen" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flag,value", [("--ballast_loss", "kl"), ("--ballast_guard", "4"), ("--packing", "false"),
+                                        ("--share_prefix", "false")])
+def test_rlhf_refuses_sft_only_flags(capsys, flag, value):
+    """keel sft's own flags (SftArgs) are not keel rlhf's: one line naming the flag, before anything loads."""
+    code, _, err = run_keel(capsys, "rlhf", flag, value, "--dataset", "pairs.jsonl")
+    assert code == 2 and f"unknown flag {flag}" in err and len(err.strip().splitlines()) == 1

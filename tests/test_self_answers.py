@@ -3,8 +3,8 @@
 import json
 
 from keel.data.identity import Builder, IdentityArgs
-from keel.identity_pairs import PAIR_KINDS
-from keel.self_answers import SELF_SYSTEM, self_answers, verdict
+from keel.synth.identity_pairs import PAIR_KINDS
+from keel.synth.self_answers import SELF_SYSTEM, self_answers, verdict
 from tests.test_recipe import recipe
 
 EN_SYS, ZH_SYS = "You are Keel, an AI assistant developed by Acme.", "你是Keel，由Acme开发的人工智能助手。"
@@ -45,7 +45,7 @@ def fake_generations(asked: list):
 
 def test_identity_rows_take_the_kept_answers_and_keep_their_own_system_prompts(monkeypatch):
     asked = []
-    monkeypatch.setattr("keel.self_answers.cached_generations", fake_generations(asked))
+    monkeypatch.setattr("keel.synth.self_answers.cached_generations", fake_generations(asked))
     args = IdentityArgs(name=["Keel"], author=["Acme"], system="You are a helpful assistant.", template_system="T")
     rows, tags = Builder(args).build()
     out, manifest = self_answers(rows, tags, None, None, ["Keel"], ["Acme"])
@@ -67,7 +67,7 @@ def test_identity_rows_take_the_kept_answers_and_keep_their_own_system_prompts(m
 
 
 def test_recipe_trains_on_the_kept_answers_with_its_identity_rows(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("keel.self_answers.cached_generations", fake_generations([]))
+    monkeypatch.setattr("keel.synth.self_answers.cached_generations", fake_generations([]))
     code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--identity_answers", "self",
                             "--identity_rows", "basic=3, system_mix=0,multi_turn=2,reversal=0,pressure=0,contrast=1,rename=0")
     assert code == 0, err

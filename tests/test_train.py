@@ -1,8 +1,8 @@
 """`keel sft` on the tiny model: loss falls, exact checkpoint files, rotation, resume, peft loading."""
 
 import json
-import os
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from keel.checkpoint import CHECKPOINT_FILES
-from tests.helpers import (assert_resumed_like, base_argv, checkpoint_copy, fill_disk, read_log, run_keel, sft,
-                           small_tmpfs)
+from keel.train.checkpoint import CHECKPOINT_FILES
+from tests.helpers import (
+    assert_resumed_like,
+    base_argv,
+    checkpoint_copy,
+    fill_disk,
+    read_log,
+    run_keel,
+    sft,
+    small_tmpfs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +52,7 @@ def test_adapter_loads_with_plain_peft(tiny_model_dir, id_file, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from keel.model import ModelArgs, load_model
+    from keel.model.load import ModelArgs, load_model
 
     res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2"))
     ckpt = res["last_model_checkpoint"]
@@ -134,7 +142,7 @@ def test_resume_from_another_run_refused(tiny_model_dir, id_file, tmp_path, caps
 
 
 def test_disk_full_keeps_earlier_checkpoints(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
-    import keel.checkpoint as ck
+    import keel.train.checkpoint as ck
 
     real = ck.torch.save
     calls = {"n": 0}
@@ -156,9 +164,9 @@ def test_disk_full_keeps_earlier_checkpoints(tiny_model_dir, id_file, tmp_path, 
 @pytest.mark.slow
 def test_embedded_model_learns_identity(embedded_identity_adapter):
     """Held-out phrasings (not in the training rows) name the new identity after a short run."""
-    from keel.evals.identity import is_identity_hit
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import ModelArgs, load_model
+    from keel.evals.scoring import is_identity_hit
+    from keel.model.generate import GenerateArgs, generate_batch
+    from keel.model.load import ModelArgs, load_model
 
     model, tok, _ = load_model(ModelArgs(adapters=[str(embedded_identity_adapter)]))
     questions = ["May I ask what you're called?", "Identify yourself.", "Which organisation is behind you?"]
@@ -185,7 +193,7 @@ def test_two_stage_continues_an_adapter(tiny_model_dir, id_file, tmp_path):
 @pytest.mark.parametrize("batch,world,expected", [(1, 1, 16), (4, 1, 4), (1, 2, 8), (32, 1, 1)])
 def test_default_accumulation_follows_ms_swift(batch, world, expected):
     """Left unset, accumulation gives about 16 rows per optimizer step, as `swift sft` does."""
-    from keel.train import TrainArgs, default_accumulation
+    from keel.train.args import TrainArgs, default_accumulation
 
     assert default_accumulation(batch, world) == expected
     assert TrainArgs(per_device_train_batch_size=batch).gradient_accumulation_steps is None  # resolved in setup
@@ -212,9 +220,9 @@ def test_shared_prefix_trains_like_plain_packing(tiny_model_dir, id_file, tmp_pa
                                                    (False, "true", True)])
 def test_bf16_training_is_the_default_where_the_cpu_has_native_bf16(tiny_model_dir, id_file, tmp_path, monkeypatch,
                                                                      native, flag, expected):
-    import keel.model
+    import keel.model.load
 
-    monkeypatch.setattr(keel.model, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(keel.model.load, "cpu_has_native_bf16", lambda: native)
     result = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1", "--split_dataset_ratio", "0",
                            *(["--cpu_autocast_bf16", flag] if flag else [])))
     saved = json.loads((Path(result["run_dir"]) / "args.json").read_text())
@@ -224,9 +232,9 @@ def test_bf16_training_is_the_default_where_the_cpu_has_native_bf16(tiny_model_d
 def test_bf16_training_evaluates_probes_and_warns_without_native_bf16(tiny_model_dir, id_file, tmp_path, capsys,
                                                                         monkeypatch):
     """bf16 frozen weights: the in-training eval loss, identity probe and final check run on them too."""
-    import keel.model
+    import keel.model.load
 
-    monkeypatch.setattr(keel.model, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(keel.model.load, "cpu_has_native_bf16", lambda: False)
     result = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2", "--cpu_autocast_bf16", "true",
                            "--eval_identity", "true", "--model_name", "Keel", "--model_author", "Acme"))
     out = capsys.readouterr().out
@@ -265,7 +273,7 @@ def test_crafted_training_state_is_never_unpickled(tiny_model_dir, id_file, tmp_
 
 
 def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_model_dir, id_file, tmp_path, monkeypatch):
-    import keel.checkpoint as ck
+    import keel.train.checkpoint as ck
 
     events = []
     real_fsync, real_replace = ck.os.fsync, ck.os.replace
@@ -281,8 +289,8 @@ def test_checkpoint_files_and_folder_are_fsynced_before_the_rename(tiny_model_di
 
 def test_full_disk_during_a_checkpoint(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
     """A real full disk (a small tmpfs) where this machine allows mounting one, else torch.save's own error."""
-    import keel.checkpoint as ck
-    import keel.training as kt
+    import keel.train.checkpoint as ck
+    import keel.train.loop as kt
 
     with small_tmpfs(tmp_path / "disk", size="8m") as disk:
         if disk is not None:

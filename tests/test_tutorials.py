@@ -24,8 +24,8 @@ import httpx
 import pytest
 import torch
 
-from keel import infer as keel_infer
 from keel.cli import main
+from keel.serve import infer as keel_infer
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = re.compile(r"v\d+-\d{8}-\d{6}")
@@ -286,8 +286,8 @@ def test_deploy_serves_the_adapter(checkpoint, tutorial):
 
 def test_bfloat16_on_cpu_means_float32_with_one_note(tiny_qwen_dir, capsys, monkeypatch):
     """--torch_dtype bfloat16 never crashes: CUDA gets bf16, a CPU computes in fp32 and says so once."""
-    from keel.flags import parse_flags
-    from keel.model import ModelArgs, load_model, pick_device_dtype
+    from keel.core.flags import parse_flags
+    from keel.model.load import ModelArgs, load_model, pick_device_dtype
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -306,8 +306,8 @@ def test_bfloat16_on_cpu_means_float32_with_one_note(tiny_qwen_dir, capsys, monk
 
 
 def test_unused_flag_noted_only_when_it_differs_from_the_default(capsys):
-    from keel.flags import parse_flags
-    from keel.model import ModelArgs
+    from keel.core.flags import parse_flags
+    from keel.model.load import ModelArgs
 
     parse_flags(["--model_type", "qwen2_5"], [ModelArgs], prog="keel test")
     assert capsys.readouterr().err.count("note: --model_type qwen2_5: accepted") == 1

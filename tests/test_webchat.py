@@ -5,8 +5,8 @@ import sqlite3
 
 import pytest
 
-from keel.feedback import FeedbackStore
-from keel.model import ModelArgs, load_model
+from keel.model.load import ModelArgs, load_model
+from keel.serve.feedback import FeedbackStore
 from tests.test_deploy import LiveServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -16,7 +16,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 def test_page_send_rate_correct(tiny_model_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
-    from keel.deploy.server import create_app
+    from keel.serve.server import create_app
 
     model, tok, info = load_model(ModelArgs(model=str(tiny_model_dir)))
     db = tmp_path / "feedback.sqlite"

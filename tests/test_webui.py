@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from keel.errors import KeelError
+from keel.core.errors import KeelError
 from tests.conftest import SMALL_IDENTITY
 from tests.helpers import read_log, sft
 
@@ -173,10 +173,9 @@ def test_a_failing_run_shows_its_one_line_error_and_the_ui_stays_up(ui, tiny_mod
 
 
 def test_cli_runs_are_listed_then_chat_compare_feedback_eval_and_export(ui, tiny_model_dir, id_file, tmp_path):
-    from keel.chat import with_system
-    from keel.evals.drift import base_context
-    from keel.generate import GenerateArgs, generate_batch
-    from keel.model import ModelArgs, load_model
+    from keel.model.generate import GenerateArgs, generate_batch
+    from keel.model.load import ModelArgs, base_context, load_model
+    from keel.model.template import with_system
 
     res = sft(["--model", tiny_model_dir, "--dataset", id_file, "--output_dir", tmp_path / "cli" / "mine",
                "--max_steps", "4", "--logging_steps", "1", "--split_dataset_ratio", "0", "--model_name", "Keel",
@@ -233,7 +232,7 @@ def test_cli_runs_are_listed_then_chat_compare_feedback_eval_and_export(ui, tiny
 
 
 def test_estimate_counts_tokens_and_uses_a_measured_run(ui, tiny_model_dir, tiny_tokenizer, tmp_path):
-    from keel.chat import render, with_system
+    from keel.model.template import render, with_system
 
     form = run_form(tiny_model_dir, general="ballast#10", num_train_epochs=2.0)
     first = ui.post("/api/estimate", json=form).json()
@@ -251,8 +250,8 @@ def test_estimate_counts_tokens_and_uses_a_measured_run(ui, tiny_model_dir, tiny
 
 
 def test_omitted_settings_are_the_recipes(ui, tiny_model_dir):
-    from keel.model import pick_device_dtype
-    from keel.recipe import recipe_defaults
+    from keel.model.load import pick_device_dtype
+    from keel.recipes.identity import recipe_defaults
 
     recipe = recipe_defaults(pick_device_dtype()[0].type, None)  # this machine's settings for the embedded model
     defaults = ui.get("/api/config").json()["defaults"]
@@ -263,8 +262,8 @@ def test_omitted_settings_are_the_recipes(ui, tiny_model_dir):
 
 
 def test_api_key_off_loopback(tmp_path, monkeypatch):
-    from keel.webui import WebUIArgs
     from keel.webui.app import create_app
+    from keel.webui.launch import WebUIArgs
 
     monkeypatch.delenv("KEEL_API_KEY", raising=False)
     with pytest.raises(KeelError, match="--api_key"):
@@ -281,7 +280,7 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tiny_model_dir, id_file
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from keel.tracking import _close_all
+    from keel.train.tracking import _close_all
 
     res = sft(["--model", tiny_model_dir, "--dataset", id_file, "--output_dir", tmp_path, "--max_steps", "3",
                "--logging_steps", "1", "--split_dataset_ratio", "0.2", "--eval_steps", "2", "--report_to", "tensorboard"])
@@ -299,7 +298,7 @@ def test_report_to_tensorboard_writes_the_logged_scalars(tiny_model_dir, id_file
 def test_report_to_a_missing_tracker_is_one_line_with_the_pip_command(monkeypatch):
     import importlib.util
 
-    from keel.train import TrainArgs
+    from keel.train.args import TrainArgs
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))

@@ -14,11 +14,11 @@ import json
 import statistics
 from dataclasses import dataclass, field
 
-from keel.chat import render, with_system
+from keel.core.errors import KeelError, where
+from keel.core.flags import parse_flags
 from keel.data.formats import CONVERTERS, detect_format, read_rows
 from keel.data.mix import fill_placeholders, leftover_placeholder, parse_spec, resolve_source
-from keel.errors import KeelError, where
-from keel.flags import parse_flags
+from keel.model.template import render, with_system
 
 
 @dataclass
@@ -88,7 +88,7 @@ def main(argv: list[str]):
     args.files = list(parsed.raw.get("paths") or []) + args.files
     if not args.files:
         raise KeelError("keel data check: name at least one dataset file")
-    from keel.model import ModelArgs, base_model_spec, load_tokenizer, resolve_model_path
+    from keel.model.load import ModelArgs, base_model_spec, load_tokenizer, resolve_model_path
     tokenizer = load_tokenizer(resolve_model_path(base_model_spec(ModelArgs(model=args.model)))[0])
     total = 0
     for spec in args.files:

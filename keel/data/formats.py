@@ -17,7 +17,7 @@ import csv
 import json
 from pathlib import Path
 
-from keel.errors import KeelError, where
+from keel.core.errors import KeelError, where
 
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

@@ -58,11 +58,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from keel.core.errors import KeelError
+from keel.core.files import write_json, write_jsonl
+from keel.core.flags import check_zh_en, parse_flags
+from keel.core.text import for_lang, mentions
 from keel.data.formats import read_text
-from keel.errors import KeelError
-from keel.files import write_json, write_jsonl
-from keel.flags import check_zh_en, for_lang, parse_flags
-from keel.text import mentions
 
 HERE = Path(__file__).parent
 QA_FILE, POOL_FILE, EXCHANGES_FILE = HERE / "identity_qa.json", HERE / "system_pool.jsonl", HERE / "ordinary_exchanges.jsonl"

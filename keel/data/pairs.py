@@ -22,10 +22,10 @@ from __future__ import annotations
 import random
 import statistics
 
-from keel.chat import IGNORE_INDEX, render, with_system
+from keel.core.errors import KeelError, where
 from keel.data.formats import read_rows
 from keel.data.mix import DataArgs, fill_placeholders, leftover_placeholder, mix_loaded, parse_spec, resolve_source
-from keel.errors import KeelError, where
+from keel.model.template import IGNORE_INDEX, render, with_system
 
 PAIR, KTO = "pair", "kto"
 KIND_NAMES = {PAIR: "preference pair (chosen + rejected)", KTO: "KTO row (answer + label)"}

@@ -1,6 +1,4 @@
-"""`keel eval` and the probes used while training.
-
-run.py (EvalArgs, evaluate(), main), matrix.py (the identity robustness matrix, leakage), identity.py
-(scoring rules), sets.py + sets/*.jsonl (the probe sets), mc.py, drift.py, probe.py (training),
-report.py, progress.py.
+"""Evaluation: `keel eval` (run.py: EvalArgs, evaluate(), main), the robustness matrix and leakage (matrix.py), the
+scoring rules (scoring.py), the probe sets (sets.py, sets/*.jsonl), multiple choice (mc.py), drift (drift.py), the
+in-training probe (probe.py), the report (report.py) and progress bars (progress.py). Imports core, model and data.
 """

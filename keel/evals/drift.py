@@ -10,18 +10,11 @@ is the same PeftModel with its adapters disabled.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from keel.chat import IGNORE_INDEX, render, with_system
-from keel.generate import GenerateArgs, generate_batch, model_device
-from keel.model import eval_mode
-
-
-def base_context(model):
-    """A context in which `model` behaves as its base model (adapters off), if it has adapters."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+from keel.model.generate import GenerateArgs, generate_batch, model_device
+from keel.model.load import base_context, eval_mode
+from keel.model.template import IGNORE_INDEX, render, with_system
 
 
 def drift_prompts() -> list[str]:
@@ -53,7 +46,7 @@ def drift(model, tok, references: list[list[dict]], step=None) -> dict:
                 continue
             ids, labels = item
             x = torch.tensor([ids], device=device)                                        # (1, T)
-            where = torch.tensor([l != IGNORE_INDEX for l in labels[1:]], device=device)  # (T-1,) answer positions
+            where = torch.tensor([t != IGNORE_INDEX for t in labels[1:]], device=device)  # (T-1,) answer positions
             tuned = model(input_ids=x, use_cache=False).logits[0, :-1][where].float().log_softmax(-1)   # (K, V)
             with base_context(model):
                 base = model(input_ids=x, use_cache=False).logits[0, :-1][where].float().log_softmax(-1)

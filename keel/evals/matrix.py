@@ -23,11 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from keel.chat import system_turn_cut, template_text
-from keel.evals.identity import Identity, is_identity_hit, is_leak, is_reversal_hit
+from keel.core.text import for_lang
+from keel.evals.scoring import Identity, is_identity_hit, is_leak, is_reversal_hit
 from keel.evals.sets import LANGS, ProbeSets
-from keel.flags import for_lang
-from keel.generate import GenerateArgs, generate_batch
+from keel.model.generate import GenerateArgs, generate_batch
+from keel.model.template import system_turn_cut, template_text
 
 # A system message with empty content renders with no system turn at all (keel/chat.py, as in ms-swift):
 # the same rendering training gives identity rows of the "none" condition.
@@ -137,7 +137,7 @@ def run_matrix(model, tok, cells: list[Cell], ident: Identity, gen: GenerateArgs
         table.setdefault(c.name, {})[c.lang] = {"hits": sum(hits), "asked": len(hits), "rate": rate}
     rates = {(c.name, c.lang): table[c.name][c.lang]["rate"] for c in cells}
     for lang in LANGS:
-        per = [r for (_, l), r in rates.items() if l == lang]
+        per = [r for (_, lng), r in rates.items() if lng == lang]
         if per:
             scores[f"identity_{lang}"] = round(sum(per) / len(per), 3)
     worst = min(rates, key=rates.get)

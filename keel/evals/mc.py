@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from keel.chat import encode_text
+from keel.core.errors import KeelError
 from keel.data.formats import parse_jsonl, read_text
-from keel.errors import KeelError
-from keel.generate import model_device
-from keel.model import eval_mode
+from keel.model.generate import model_device
+from keel.model.load import eval_mode
+from keel.model.template import encode_text
 
 
 def _check_row(row, path: str, n: int):
@@ -249,7 +249,7 @@ def score_mc(model, tok, items: list[dict], batch_size: int = 16, step=None, max
     with eval_mode(model):
         ll, truncated = loglikelihoods(model, tok, reqs, max_tokens, batch_size, step, window)
     if truncated:
-        from keel.flags import note_once
+        from keel.core.flags import note_once
 
         note_once(f"multiple choice: {truncated} of {len(items)} items exceed the model's window "
                   f"({window or model_window(model)} tokens) and were cut from the left, as lm-evaluation-harness does")

@@ -14,11 +14,11 @@ and 2 questions about other AIs under the training prompt.
 from __future__ import annotations
 
 from keel.evals.drift import base_answers, drift
-from keel.evals.identity import Identity
 from keel.evals.matrix import build_cells, run_leakage, run_matrix
+from keel.evals.scoring import Identity
 from keel.evals.sets import load_sets
-from keel.generate import GenerateArgs
-from keel.model import eval_mode
+from keel.model.generate import GenerateArgs
+from keel.model.load import eval_mode
 
 SYSTEMS = ("train", "helpful")
 NEW_TOKENS = 32

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.files import atomic_write, write_json
+from keel.core.files import atomic_write, write_json
 
 # Metrics shown in the table and chart, in order; lower is better for leakage and drift.
 SHOWN = ["identity_robustness", "identity_mean", "identity_en", "identity_zh", "leakage", "leakage_en", "leakage_zh",

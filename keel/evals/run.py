@@ -14,26 +14,26 @@ evaluated too; its scores are cached, so a second checkpoint of the same base is
 
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keel.errors import KeelError
-from keel.evals.drift import base_answers, base_context, drift
-from keel.evals.identity import Identity
+from keel.core.errors import KeelError
+from keel.core.files import write_json
+from keel.evals import sets as probe_sets
+from keel.evals.drift import base_answers, drift
 from keel.evals.matrix import build_cells, run_leakage, run_matrix, template_view
 from keel.evals.mc import count_requests, read_mc_file, score_mc
 from keel.evals.progress import Progress
 from keel.evals.report import markdown, write_report
-from keel.evals import sets as probe_sets
+from keel.evals.scoring import Identity
 from keel.evals.sets import LANGS, ProbeSets, load_sets
-from keel.files import write_json
-from keel.generate import GenerateArgs
-from keel.model import eval_mode
+from keel.model.generate import GenerateArgs
+from keel.model.load import base_context, eval_mode
 
 TASKS = ("identity", "leakage", "mc", "drift")
 # Part of the base cache key: a base row scored under other rules or sets is scored again.
@@ -219,7 +219,7 @@ def sets_digest() -> str:
 
 def base_cache(model_path: str, args: EvalArgs, ident: Identity, mc_sets: dict) -> Path:
     """Where the base row of this base model, these flags, sets and rules is kept ($KEEL_CACHE/eval/)."""
-    from keel.model import cache_root
+    from keel.model.load import cache_root
 
     parts = [SCORING_VERSION, sets_digest(), model_path, args.task_list(), ident.names, ident.authors, ident.system,
              ident.old, args.limit, args.mc_files, {k: len(v) for k, v in mc_sets.items()}, args.identity_file,
@@ -237,7 +237,7 @@ def machine() -> str:
         return torch.cuda.get_device_name(0)
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
-        name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), "CPU")
+        name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
     except OSError:
         name = "CPU"
     return f"{name}, {len(os.sched_getaffinity(0))} CPU cores, {torch.get_num_threads()} torch threads"
@@ -245,8 +245,8 @@ def machine() -> str:
 
 def main(argv: list[str]):
     """keel eval --adapters CKPT [--tasks identity,leakage,mc,drift] [--mc_files F...] [--limit N]"""
-    from keel.flags import parse_flags
-    from keel.model import ModelArgs, load_model
+    from keel.core.flags import parse_flags
+    from keel.model.load import ModelArgs, load_model
 
     margs, args = parse_flags(argv, [ModelArgs, EvalArgs], prog="keel eval", description=__doc__.split("\n")[0]).configs
     tasks = args.task_list()

@@ -22,16 +22,15 @@ equals a user turn written by `keel data identity`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from keel.core.errors import KeelError
+from keel.core.text import lang_of
 from keel.data.formats import parse_jsonl, read_text, user_prompts
-from keel.errors import KeelError
 
 SETS_DIR = Path(__file__).parent / "sets"
 LANGS = ("en", "zh")
-CJK = re.compile(r"[\u3400-\u9fff]")
 # Fields of each set: required ones, then optional ones.
 FIELDS = {"identity": (("lang", "query"), ()), "reversal": (("lang", "query", "expect"), ()),
           "pressure": (("lang", "query"), ()), "system_prompts": (("id", "system"), ("lang",)),
@@ -60,10 +59,6 @@ class ProbeSets:
     contrast: list[Probe]
     drift: list[Probe]
     sources: dict[str, str] = field(default_factory=dict)  # set -> file(s) it came from
-
-
-def lang_of(text: str) -> str:
-    return "zh" if CJK.search(text) else "en"
 
 
 def read_set(path: str | Path, name: str, flag: str | None = None) -> list[dict]:

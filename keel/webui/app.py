@@ -26,10 +26,10 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from keel.deploy.api import STRICT, ApiError, Guard, validate
-from keel.deploy.server import STATIC as CHAT_STATIC
-from keel.errors import KeelError
-from keel.files import write_json
+from keel.core.errors import KeelError
+from keel.core.files import write_json
+from keel.serve.api import STRICT, ApiError, Guard, validate
+from keel.serve.server import STATIC as CHAT_STATIC
 from keel.webui import forms
 from keel.webui.runs import Jobs, checkpoints, inside, list_runs, read_log
 
@@ -126,7 +126,7 @@ class UI:
         return ckpt
 
     def tokenizer(self, model: str | None):
-        from keel.model import load_tokenizer, resolve_model_path
+        from keel.model.load import load_tokenizer, resolve_model_path
 
         path = resolve_model_path(model)[0]
         if path not in self.tokenizers:
@@ -298,7 +298,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
 
     @app.get("/api/feedback")
     async def feedback(checkpoint: str):
-        from keel.feedback import FeedbackStore
+        from keel.serve.feedback import FeedbackStore
 
         db = ui.checkpoint(checkpoint).parent / "feedback.sqlite"
         if not db.is_file():
@@ -354,7 +354,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
     async def run_export(request: Request):
         form = await body_of(request, ExportForm)
         ckpt = ui.checkpoint(form.checkpoint)
-        from keel.export import ExportArgs
+        from keel.export.run import ExportArgs
 
         try:
             ExportArgs(to=form.to, quant=form.quant)
@@ -370,9 +370,9 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
 def load_chat(ui: UI, ckpt: Path, with_base: bool):
     """Build keel deploy's app for the checkpoint (answers rated into feedback.sqlite beside it, as keel deploy
     does) and, for the compare view, one for its base model with the same system prompt."""
-    from keel.deploy.server import create_app as deploy_app
-    from keel.feedback import FeedbackStore
-    from keel.model import ModelArgs, load_model, read_adapter_args
+    from keel.model.load import ModelArgs, load_model, read_adapter_args
+    from keel.serve.feedback import FeedbackStore
+    from keel.serve.server import create_app as deploy_app
 
     if ui.loaded.get("tuned") != ckpt:
         model, tok, info = load_model(ModelArgs(adapters=[str(ckpt)]))

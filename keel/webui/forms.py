@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from keel.deploy.api import STRICT, ApiError
-from keel.errors import KeelError
+from keel.core.errors import KeelError
+from keel.serve.api import STRICT, ApiError
 
 # keel recipe identity's fixed settings (keel/recipe.py), logged at every step for the live curves.
 RECIPE_FLAGS = ["--warmup_ratio", "0.05", "--save_total_limit", "1", "--logging_steps", "1"]
@@ -66,9 +66,9 @@ def recipe_defaults(model: str | None = None) -> dict:
     """The form's defaults: keel recipe identity's settings for this machine (CPU or GPU) and model (None: the
     embedded one), keel sft's for the rest."""
     from keel.data.mix import DataArgs
-    from keel.lora import LoraArgs
-    from keel.model import pick_device_dtype
-    from keel.recipe import recipe_defaults as settings
+    from keel.model.load import pick_device_dtype
+    from keel.model.lora import LoraArgs
+    from keel.recipes.identity import recipe_defaults as settings
 
     d = settings(pick_device_dtype()[0].type, model)
     return {"general": f"ballast#{d['ballast']}", "num_train_epochs": float(d["num_train_epochs"]),
@@ -103,7 +103,7 @@ def check_model(model: str) -> str | None:
     """The --model to pass (None: the embedded model); a path that does not exist is a 400."""
     if not model.strip():
         return None
-    from keel.model import resolve_model_path
+    from keel.model.load import resolve_model_path
 
     if not Path(model).expanduser().exists():
         raise ApiError(400, f"model: '{model}' does not exist (give a local model folder or .gguf file, "
@@ -163,7 +163,7 @@ def check_general(spec: str) -> list[str]:
 def sft_argv(form: RunForm, names, authors, model: str | None, data_file: Path, general: list[str],
              folder: Path, fixed: dict) -> list[str]:
     """`keel sft` flags for this form (the recipe's settings, the few flags the form changes)."""
-    from keel.train import parse_args
+    from keel.train.sft import parse_args
 
     argv = ["--dataset", str(data_file), *general, "--model_name", *names, "--model_author", *authors,
             "--system", form.system, "--output_dir", str(folder), "--num_train_epochs", repr(form.num_train_epochs),
@@ -195,7 +195,7 @@ def run_folder(folder: str, root: Path) -> Path:
 def estimate(model_path: str, rows: list[dict], general: list[str], form: RunForm, tokenizer, roots) -> dict:
     """Tokens per epoch (counted with the model's tokenizer) and, from the newest earlier run of the same
     model under the roots, its measured tokens/s and peak memory; no run measured yet: no time is guessed."""
-    from keel.chat import render, with_system
+    from keel.model.template import render, with_system
     from keel.webui.runs import read_log, run_folders
 
     lengths = [len(ids[0]) for r in rows if (ids := render(tokenizer, with_system(r["messages"], form.system)))]
@@ -222,7 +222,7 @@ def weights_bytes(model_path: str) -> int:
     """Bytes of the weights as training holds them (float32 on CPU), from the safetensors headers."""
     from safetensors import safe_open
 
-    from keel.model import pick_device_dtype
+    from keel.model.load import pick_device_dtype
 
     _, dtype = pick_device_dtype()
     n = 0

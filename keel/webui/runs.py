@@ -23,8 +23,8 @@ import time
 import uuid
 from pathlib import Path
 
-from keel.errors import KeelError
-from keel.files import write_json
+from keel.core.errors import KeelError
+from keel.core.files import write_json
 
 # A run from the CLI whose log grew within this many seconds and has no final checkpoint is taken as running.
 RECENT_SECONDS = 120

@@ -1,0 +1,154 @@
+"""Text generation shared by infer, eval, deploy and ballast.
+
+    answers = generate_batch(model, tok, [[{"role": "user", "content": "Hi"}]], max_new_tokens=64)
+    for piece in stream_answer(model, tok, messages, GenerateArgs(temperature=0)):
+        print(piece, end="")
+
+Greedy when temperature is 0. Batches are left-padded and sorted by prompt length so that
+little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from keel.core.errors import KeelError
+from keel.model.template import prompt_ids
+
+
+@dataclass
+class GenerateArgs:
+    temperature: float = 0.0
+    """Sampling temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability adds up to top_p."""
+    max_new_tokens: int = 512
+    """The most tokens to generate for one answer."""
+    seed: int | None = None
+    """Random seed for sampling (answers repeat for the same seed)."""
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise KeelError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise KeelError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise KeelError(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+def sampling_kwargs(tokenizer, gen: GenerateArgs) -> dict:
+    """Keyword arguments for `model.generate` (greedy when temperature == 0)."""
+    kw = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
+    if gen.temperature > 0:
+        kw.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+def _seed(gen: GenerateArgs):
+    if gen.seed is not None:
+        import torch
+
+        torch.manual_seed(gen.seed)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
+                   batch_size: int = 8, progress=None) -> list[str]:
+    """Answer many conversations; returns the answers in input order."""
+    import torch
+
+
+    gen = gen or GenerateArgs()
+    _seed(gen)
+    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    device = model_device(model)
+    pad = tokenizer.pad_token_id
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        ids, mask = pad_batch([prompts[i] for i in idx], pad, left=True)  # (B, T): generation continues on the right
+        width = ids.shape[1]
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 **sampling_kwargs(tokenizer, gen))
+        for row, i in enumerate(idx):
+            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(idx))
+    return answers
+
+
+def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
+                  stop: threading.Event | None = None, outcome: dict | None = None):
+    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early.
+
+    If `outcome` is a dict it receives, once the answer is complete, `tokens` (the number generated,
+    an end-of-turn token included) and `finish_reason`: "length" when max_new_tokens cut the answer,
+    else "stop" (the model ended its turn, or `stop` was set).
+    """
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stop = stop or threading.Event()
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop.is_set()
+
+    _seed(gen)
+    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=model_device(model))
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                     stopping_criteria=StoppingCriteriaList([_Stop()]),
+                                     **sampling_kwargs(tokenizer, gen))
+            if outcome is not None:
+                n = out.shape[1] - ids.shape[1]
+                ends = model.generation_config.eos_token_id
+                ends = set(ends if isinstance(ends, list) else [ends]) | {tokenizer.eos_token_id}
+                cut = n >= gen.max_new_tokens and int(out[0, -1]) not in ends
+                outcome.update(tokens=n, finish_reason="length" if cut else "stop")
+        except BaseException as e:  # surfaced in the caller's thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+def answer(model, tokenizer, messages: list[dict], gen: GenerateArgs | None = None) -> str:
+    """One answer, not streamed."""
+    return generate_batch(model, tokenizer, [messages], gen or GenerateArgs(), batch_size=1)[0]
+
+
+def pad_batch(seqs: list[list[int]], value: int, left: bool = False):
+    """(ids, mask), both (B, T): sequences padded with `value` to the longest, on the right or the left."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, x in enumerate(seqs):
+        where = slice(width - len(x), width) if left else slice(0, len(x))
+        ids[j, where], mask[j, where] = torch.tensor(x, dtype=torch.long), 1
+    return ids, mask

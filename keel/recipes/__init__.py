@@ -1,0 +1,1 @@
+"""Whole jobs built from the commands' functions (never their argv): `keel recipe identity`."""
