@@ -246,11 +246,14 @@ class BallastArgs:
             raise KeelError(f"--prompts: '{self.prompts}' does not exist")
 
 
+CONFIGS = (BallastArgs,)  # this command's flags, in --help order (scripts/gen_reference.py reads it)
+
+
 def main(argv: list[str]):
     """keel data ballast [--model M] [--prompts FILE] -n 200 -o ballast.jsonl"""
     from keel.flags import parse_flags
 
-    (args,) = parse_flags(argv, [BallastArgs], prog="keel data ballast", description=__doc__.split("\n")[0]).configs
+    (args,) = parse_flags(argv, CONFIGS, prog="keel data ballast", description=__doc__.split("\n")[0]).configs
     write_ballast(args)
 
 

@@ -179,11 +179,14 @@ def run_stage2(args: RecipeArgs, identity, ckpt: str, sft, ballast: int) -> dict
             "rlhf_argv": argv}
 
 
+CONFIGS = (RecipeArgs,)  # this command's flags, in --help order (scripts/gen_reference.py reads it)
+
+
 def main(argv: list[str]):
     """keel recipe identity --name NAME --author AUTHOR [--model M] [--mc_files F...]"""
     if not argv or argv[0] != "identity":
         raise KeelError("usage: keel recipe identity --name NAME --author AUTHOR [flags]")
-    (args,) = parse_flags(argv[1:], [RecipeArgs], prog="keel recipe identity", description=__doc__.split("\n")[0]).configs
+    (args,) = parse_flags(argv[1:], CONFIGS, prog="keel recipe identity", description=__doc__.split("\n")[0]).configs
     from keel.data.identity import Builder, IdentityArgs
     from keel.evals.drift import base_context
     from keel.evals.identity import Identity

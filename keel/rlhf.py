@@ -313,8 +313,11 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
     return close_run(run.run_dir, total, best, start, start_step, main_process)
 
 
+CONFIGS = (ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs)  # this command's flags, in --help order (scripts/gen_reference.py reads it)
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs]:
-    return tuple(parse_flags(argv, [ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs], prog="keel rlhf",
+    return tuple(parse_flags(argv, CONFIGS, prog="keel rlhf",
                              description=__doc__.split("\n")[0]).configs)
 
 

@@ -360,8 +360,11 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs) -> 
     return close_run(run.run_dir, total, best, start, start_step, main_process)
 
 
+CONFIGS = (ModelArgs, DataArgs, LoraArgs, TrainArgs)  # this command's flags, in --help order (scripts/gen_reference.py reads it)
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs]:
-    return tuple(parse_flags(argv, [ModelArgs, DataArgs, LoraArgs, TrainArgs], prog="keel sft",
+    return tuple(parse_flags(argv, CONFIGS, prog="keel sft",
                              description=__doc__.split("\n")[0]).configs)
 
 
