@@ -92,7 +92,8 @@ def flag_cell(f: dataclasses.Field) -> str:
 
 
 def type_cell(f: dataclasses.Field, tp) -> str:
-    text = f"`{type_name(tp)}`"
+    """`str` or `None`: a union's members as separate code spans (a `|` would split the table cell on GitHub)."""
+    text = " or ".join(f"`{part}`" for part in type_name(tp).split(" | "))
     if "choices" in f.metadata:
         text += " (one of " + ", ".join(f"`{c}`" for c in f.metadata["choices"]) + ")"
     if tp is bool or type_name(tp) == "bool | None":
