@@ -1,4 +1,4 @@
-"""The identity experiments of docs/experiment.md, one `keel recipe identity` run per arm and seed.
+"""The identity experiments of docs/experiments/, one `keel recipe identity` run per arm and seed.
 
     python bench/identity_experiment.py --seeds 42 43 --limit 500                       # ballast: alone, Alpaca, ballast
     python bench/identity_experiment.py --experiment robust --seeds 42 43 --limit 500   # the robust rows' ablations

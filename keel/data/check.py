@@ -79,9 +79,12 @@ def check_file(spec: str, args: CheckArgs, tokenizer) -> tuple[list[str], dict]:
     return problems, stats
 
 
+CONFIGS = (CheckArgs,)
+
+
 def main(argv: list[str]):
     """keel data check FILE_OR_SPEC... [--model M] [--max_length N]"""
-    parsed = parse_flags(argv, [CheckArgs], prog="keel data check",
+    parsed = parse_flags(argv, CONFIGS, prog="keel data check",
                          description="Check dataset files before training.",
                          positionals=(("paths", {"nargs": "*"}),))
     args = parsed.configs[0]

@@ -372,10 +372,13 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+CONFIGS = (IdentityArgs,)
+
+
 def main(argv: list[str]):
     """keel data identity --name NAME --author AUTHOR [--system S] [--system_pool FILE] [--KIND_rows N] -o self_cognition.json"""
     argv = ["--output" if a == "-o" else a for a in argv]
-    (args,) = parse_flags(argv, [IdentityArgs], prog="keel data identity",
+    (args,) = parse_flags(argv, CONFIGS, prog="keel data identity",
                           description="Write an identity dataset (OpenAI messages rows).").configs
     out = Path(args.output)
     if not out.parent.is_dir():

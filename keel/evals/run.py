@@ -33,7 +33,7 @@ from keel.evals.report import markdown, write_report
 from keel.evals.scoring import Identity
 from keel.evals.sets import LANGS, ProbeSets, load_sets
 from keel.model.generate import GenerateArgs
-from keel.model.load import base_context, eval_mode
+from keel.model.load import ModelArgs, base_context, eval_mode
 
 TASKS = ("identity", "leakage", "mc", "drift")
 # Part of the base cache key: a base row scored under other rules or sets is scored again.
@@ -243,12 +243,15 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} CPU cores, {torch.get_num_threads()} torch threads"
 
 
+CONFIGS = (ModelArgs, EvalArgs)
+
+
 def main(argv: list[str]):
     """keel eval --adapters CKPT [--tasks identity,leakage,mc,drift] [--mc_files F...] [--limit N]"""
     from keel.core.flags import parse_flags
-    from keel.model.load import ModelArgs, load_model
+    from keel.model.load import load_model
 
-    margs, args = parse_flags(argv, [ModelArgs, EvalArgs], prog="keel eval", description=__doc__.split("\n")[0]).configs
+    margs, args = parse_flags(argv, CONFIGS, prog="keel eval", description=__doc__.split("\n")[0]).configs
     tasks = args.task_list()
     # Probe and multiple-choice files are read before the model loads: a bad line fails in a second.
     sets = load_sets(args.identity_file, args.leakage_file, args.system_prompts)

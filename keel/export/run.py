@@ -218,6 +218,9 @@ def export(margs: ModelArgs, args: ExportArgs) -> Path:
     return target
 
 
+CONFIGS = (ModelArgs, ExportArgs)
+
+
 def main(argv: list[str]):
     """keel export --adapters CKPT [--merge_lora true] [--to gguf --quant q8_0 q4_k_m ...] [--verify true] [--output_dir DIR]"""
-    export(*parse_flags(argv, [ModelArgs, ExportArgs], prog="keel export", description=__doc__.split("\n")[0]).configs)
+    export(*parse_flags(argv, CONFIGS, prog="keel export", description=__doc__.split("\n")[0]).configs)

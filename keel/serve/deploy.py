@@ -87,6 +87,9 @@ def deploy(margs: ModelArgs, args: DeployArgs):
     make_server(app, args.host, args.port).run()
 
 
+CONFIGS = (ModelArgs, DeployArgs)
+
+
 def main(argv: list[str]):
     """keel deploy [--adapters CKPT | --model M] [--host 127.0.0.1] [--port 8000] [--api_key KEY]"""
-    deploy(*parse_flags(argv, [ModelArgs, DeployArgs], prog="keel deploy", description=__doc__.split("\n")[0]).configs)
+    deploy(*parse_flags(argv, CONFIGS, prog="keel deploy", description=__doc__.split("\n")[0]).configs)

@@ -217,11 +217,14 @@ class FeedbackExportArgs:
                 raise KeelError(f"--since must be a date like 2026-11-01, got '{self.since}'") from None
 
 
+CONFIGS = (FeedbackExportArgs,)
+
+
 def main(argv: list[str]):
     """keel feedback export --db FILE [--kind sft|pairs|kto] [--since DATE] [--only bad] [--include_good true] -o FILE"""
     if not argv or argv[0] != "export":
         raise KeelError("usage: keel feedback export --db FILE [-o bad_cases.jsonl]")
-    (args,) = parse_flags(argv[1:], [FeedbackExportArgs], prog="keel feedback export").configs
+    (args,) = parse_flags(argv[1:], CONFIGS, prog="keel feedback export").configs
     ratings = FeedbackStore(args.db, readonly=True).ratings(args.since)
     if args.kind != "sft":
         rows, counts = preference_rows(ratings, args.kind, args.only)

@@ -174,8 +174,11 @@ def infer(margs: ModelArgs, args: InferArgs, gen: GenerateArgs):
         chat_loop(model, tok, args, gen, system)
 
 
+CONFIGS = (ModelArgs, InferArgs, GenerateArgs)
+
+
 def main(argv: list[str]):
-    parsed = parse_flags(argv, [ModelArgs, InferArgs, GenerateArgs], prog="keel infer", description=__doc__)
+    parsed = parse_flags(argv, CONFIGS, prog="keel infer", description=__doc__)
     margs, args, gen = parsed.configs
     if args.preset and "temperature" not in parsed.given:
         gen.temperature = PRESETS[args.preset]  # a preset sets the temperature unless the flag is typed

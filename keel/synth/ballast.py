@@ -245,11 +245,14 @@ class BallastArgs:
             raise KeelError(f"--prompts: '{self.prompts}' does not exist")
 
 
+CONFIGS = (BallastArgs,)
+
+
 def main(argv: list[str]):
     """keel data ballast [--model M] [--prompts FILE] -n 200 -o ballast.jsonl"""
     from keel.core.flags import parse_flags
 
-    (args,) = parse_flags(argv, [BallastArgs], prog="keel data ballast", description=__doc__.split("\n")[0]).configs
+    (args,) = parse_flags(argv, CONFIGS, prog="keel data ballast", description=__doc__.split("\n")[0]).configs
     write_ballast(args)
 
 

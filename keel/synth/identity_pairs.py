@@ -166,10 +166,13 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
     return pairs + guards, manifest
 
 
+CONFIGS = (IdentityArgs, IdentityPairsArgs)
+
+
 def main(argv: list[str]):
     """keel data identity --pairs true --name NAME --author AUTHOR [--model BASE] [identity flags] -o pairs.jsonl"""
     argv = ["--output" if a == "-o" else a for a in argv]
-    args, pargs = parse_flags(argv, [IdentityArgs, IdentityPairsArgs], prog="keel data identity",
+    args, pargs = parse_flags(argv, CONFIGS, prog="keel data identity",
                               description="Write an identity dataset, or with --pairs true identity preference pairs.").configs
     if not pargs.pairs:
         rest, skip = [], False

@@ -61,6 +61,9 @@ def web_ui(args: WebUIArgs):
     make_server(app, args.host, args.port).run()  # keel deploy's server: shutdown stops chat generations at once
 
 
+CONFIGS = (WebUIArgs,)
+
+
 def main(argv: list[str]):
     """keel web-ui [--host 127.0.0.1] [--port 7860] [--api_key KEY] [--output_dir DIR...]"""
-    web_ui(*parse_flags(argv, [WebUIArgs], prog="keel web-ui", description=__doc__.split("\n")[0]).configs)
+    web_ui(*parse_flags(argv, CONFIGS, prog="keel web-ui", description=__doc__.split("\n")[0]).configs)
