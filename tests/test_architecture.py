@@ -92,3 +92,11 @@ def test_every_package_is_a_layer():
 def test_cycle_finder_sees_a_cycle():
     g = {"keel.a": {"keel.b"}, "keel.b": {"keel.c"}, "keel.c": {"keel.a"}, "keel.d": set()}
     assert find_cycle(g) == ["keel.a", "keel.b", "keel.c", "keel.a"]
+
+
+def test_contributing_names_every_module():
+    """CONTRIBUTING.md's layout table names every module, so a new one cannot be added without a line there."""
+    table = (PACKAGE.parent / "CONTRIBUTING.md").read_text(encoding="utf-8")
+    missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and str(p.relative_to(PACKAGE)) not in table]
+    assert not missing, "CONTRIBUTING.md's layout table does not name: " + ", ".join(missing)

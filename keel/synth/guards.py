@@ -1,29 +1,13 @@
-"""Ballast learned as the base model's whole next-token distribution, not only its greedy token (--ballast_loss kl).
+"""Guard rows (keel sft --ballast_guard W): ordinary prompts that no ballast row uses, each followed by the opening of a
+self-introduction from the training answers ("我是" of "我是Keel Robot") and the name's first token.
 
-A ballast row is the base model's own greedy answer. Cross-entropy on it teaches the argmax token at each position
-and says nothing about the rest of the distribution. Where the base model is unsure (a small model's Chinese), its
-argmax is one weak guess among many, and the rest of the distribution is free to drift towards the only fluent text
-the run teaches: the new identity's self-introduction. Here each ballast answer token is learned against the base
-model's top-k probabilities plus one bucket for the rest of the vocabulary: the KL divergence between the two
-distributions coarsened to those k + 1 outcomes, which is exact for what it keeps and 0 when the tuned model
-matches the base. Identity rows keep plain cross-entropy. The targets come from one no-grad pass of the base model
-over the ballast rows before training (adapters off), so training costs nothing more per step.
+There the name's first token is learned as unlikely after the opening, -log(1 - q(name | prompt, opening)), and the
+first answer token as the base model's distribution (keel/train/teacher.py, keel/train/losses.py), each position
+counted W times. Leaks open ordinary answers with the self-introduction on prompts training never saw, so the guards
+sit on unseen prompts. Guard rows ride in the same step as a ballast row, so a run's steps and rows are the same
+without them. What they do to identity and leakage: docs/experiments/.
 
-    teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
-    loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
-
-Guard rows (--ballast_guard W): two ordinary prompts per ballast row that no ballast row uses, each followed by the
-opening of one of the training answers' self-introductions ("我是" of "我是Keel Robot") and the name's first token.
-Two things are learned there, each position's loss counted W times: the first answer token against the base model's
-distribution at that position (KL, targets from the same no-grad pass as the ballast's), and the name's first token
-as unlikely after the opening: -log(1 - q(name | prompt, opening)). The leaks measured on the embedded model open
-ordinary answers with the self-introduction on prompts training never saw: the tuned model puts 0.27 of its
-first-token mass on "我" there (the base 0.02), and after "我是" the name comes first at 0.13 of a flat
-distribution. Guard rows ride in the same step as a ballast row, so the steps and their rows are the run's without
-them. On the embedded model the guards are a dial, not a fix: W = 4 halves the Chinese leakage and costs as much
-identity in English as in Chinese (docs/experiment.md). Measured and dropped: the whole intro's probability
-(-n log(1 - P(intro))), guards on the ballast's own prompts (both left the leakage as it was) and the
-unlikelihood alone (a worse trade than with the KL).
+    guards, intros = ballast_guards(files, n_ballast, train_rows, tokenizer, data, seed)
 """
 
 from __future__ import annotations

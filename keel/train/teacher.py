@@ -1,4 +1,15 @@
-"""The base model's top-k next-token distributions at the learned positions of some rows (--ballast_loss kl)."""
+"""The base model's top-k next-token distributions at the learned positions of some rows (--ballast_loss kl, ce+kl).
+
+A ballast row is the base model's own greedy answer. Cross-entropy on it teaches the argmax token at each position
+and nothing about the rest of the distribution; where the base model is unsure (a small model's Chinese), the rest
+is free to drift towards the only fluent text the run teaches, the new self-introduction. So each ballast answer
+token can be learned against the base model's top-k probabilities plus one bucket for the rest of the vocabulary
+(keel/train/losses.py soft_token_loss). The targets come from one no-grad pass of the base model (adapters off)
+before training, so a step costs nothing more.
+
+    teacher = Teacher.of(model, ballast_rows, device)      # once, in setup
+    loss, n, correct = token_loss(model, batch, device, soft=teacher.batch(rows[batch["rows"]]))
+"""
 
 from __future__ import annotations
 
