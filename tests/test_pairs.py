@@ -211,7 +211,7 @@ def test_identity_pairs_from_the_base_model_are_cached(tiny_model_dir, tmp_path,
 def test_identity_pairs_cli_without_identity_pairs_writes_nothing(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # every base answer already names the new identity: only guard pairs would be left, and those alone would
     # teach the model not to say its name, so nothing is written
-    monkeypatch.setattr("keel.synth.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
+    monkeypatch.setattr("keel.synth.identity_pairs.cached_base_answers", lambda model, tok, prompts, *a: {
         json.dumps(p, ensure_ascii=False): "I am Keel, made by Acme." for p in prompts})
     out = tmp_path / "pairs.jsonl"
     code, _, err = run_keel(capsys, "data", "identity", "--pairs", "true", "--model", tiny_model_dir, "--name", "Keel",

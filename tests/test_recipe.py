@@ -68,7 +68,7 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
 def test_stage2_without_pairs_keeps_the_sft_checkpoint(tiny_model_dir, tmp_path, capsys, monkeypatch):
     # A base model that already names the new identity everywhere: every identity pair is dropped (nothing to
     # prefer), and guard pairs alone are not trained (they would only teach the model not to say its name).
-    monkeypatch.setattr("keel.synth.identity_pairs.base_answers", lambda model, tok, prompts, *a: {
+    monkeypatch.setattr("keel.synth.identity_pairs.cached_base_answers", lambda model, tok, prompts, *a: {
         json.dumps(p, ensure_ascii=False): "I am Keel, made by Acme." for p in prompts})
     code, out, err = recipe(capsys, tiny_model_dir, tmp_path, "--stage2", "dpo")
     assert code == 0, err

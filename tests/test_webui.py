@@ -117,10 +117,10 @@ def test_run_starts_logs_refuses_a_second_writer_stops_and_is_listed(ui, tiny_mo
     job = job.json()
     assert job["argv"][0] == "sft" and "--model_name" in job["argv"]
     # the recipe's settings the form does not show go to keel sft too
-    from keel.webui.forms import recipe_defaults
+    from keel.webui.forms import form_defaults
     argv = job["argv"]
     for key in ("gradient_accumulation_steps", "ballast_loss"):
-        assert argv[argv.index(f"--{key}") + 1] == str(recipe_defaults()[key])
+        assert argv[argv.index(f"--{key}") + 1] == str(form_defaults()[key])
     msg = error_of(ui.post("/api/runs", json=run_form(tiny_model_dir)), 409)
     assert "already has a run writing to it" in msg
     run = wait_for(lambda: next((r for r in ui.get("/api/runs").json()["runs"] if r["path"] and r["job"] == job["id"]), None))

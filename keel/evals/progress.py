@@ -5,7 +5,6 @@
         ...; step(16)          # 16 more done
     progress.seconds           # {"tuned · mc arc_easy": 183.2}
 
-A 4-set multiple-choice run used to print nothing for 50 minutes; now every set shows where it is.
 `Progress(enabled=False)` (the in-training probe) only keeps the times.
 """
 

@@ -38,7 +38,7 @@ from keel.model.load import ModelArgs, base_context, eval_mode
 TASKS = ("identity", "leakage", "mc", "drift")
 # Part of the base cache key: a base row scored under other rules or sets is scored again.
 SCORING_VERSION = 2
-# The base answers drift is measured on: as long as in docs/experiment.md's figures, so they stay comparable.
+# The base answers drift is measured on: a fixed length, so drift figures stay comparable across runs.
 DRIFT_NEW_TOKENS = 48
 
 

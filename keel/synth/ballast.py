@@ -35,11 +35,10 @@ PROMPTS_FILE = Path(__file__).parents[1] / "data" / "ballast_prompts.jsonl"
 SENTENCE_END = (".", "!", "?", "。", "！", "？", "\n", "`")
 REPLACE_ROUNDS = 4  # rounds of replacing prompts whose answers were unusable
 # Unused prompts tried at once for each unusable answer: an unusable answer is usually one cut off at max_new_tokens,
-# so a round costs its longest answer (the demo's: 9 rows 11 s, then 1 row 6 s twice; with two a slot, one round of
-# 18 rows in 16 s, docs/performance.md).
+# so a round costs its longest answer and two candidates a slot save rounds (docs/performance.md).
 CANDIDATES = 2
-# Answers per generation batch. Decoding a small model on a CPU is mostly per-step overhead: 48 ballast answers
-# took 24.5 s in one batch against 33.7 s in batches of 16, the same answers (bench/generate_bench.py).
+# Answers per generation batch. Decoding a small model on a CPU is mostly per-step overhead, so one large batch
+# beats several small ones (bench/generate_bench.py, docs/performance.md).
 GENERATE_BATCH = 48
 
 
@@ -51,8 +50,8 @@ def draw(prompts: list[str], n: int, rng: random.Random, balance: bool) -> list[
     """n prompts without repeats; balance: as many Chinese as English (as far as each has prompts).
 
     The identity rows are half Chinese, half English. Ballast drawn at random from the built-in set
-    (a third Chinese) left Chinese questions mostly answered by identity rows, and the tuned model
-    then opened ordinary Chinese answers with its new name (docs/experiment.md).
+    (a third Chinese) leaves Chinese questions mostly answered by identity rows, and the tuned model
+    then opens ordinary Chinese answers with its new name (docs/recipe.md).
     """
     if not balance:
         return rng.sample(prompts, min(n, len(prompts)))

@@ -16,12 +16,11 @@ the system-prompt mix, as ballast#N in keel sft) keep their answer as chosen, an
 is the identity's self-introduction alone ("I am NAME, an AI assistant developed by AUTHOR."), the way
 the tuned model's leaks open. A contrast answer that names another assistant's maker gives a second
 guard pair whose rejected answer names the new author instead ("ChatGPT was created by AUTHOR"): the
-tuned model otherwise learns AUTHOR as the maker of everything. Measured (docs/experiment.md): DPO on
-identity pairs alone spread the name into 60% of ordinary Chinese answers; with these guards, fewer than
-after SFT. (A rejected answer made of the intro followed by the same answer leaked twice as much: the
-shared answer tokens were pushed down too.)
+tuned model otherwise learns AUTHOR as the maker of everything. Without guard pairs, DPO on identity pairs
+spreads the name into ordinary answers (docs/preference.md). The rejected answer is the intro alone, not the
+intro followed by the same answer: then the shared answer tokens would be pushed down too.
 Answers are cached by model and generation settings and appended batch by batch, as ballast is
-(keel/ballast.py): a second run, or one after an interruption, generates only what is missing.
+(keel/synth/ballast.py): a second run, or one after an interruption, generates only what is missing.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ from keel.synth.ballast import GENERATE_BATCH, cached_generations
 
 PAIR_KINDS = ("basic", "system_mix", "multi_turn", "reversal", "pressure")
 GUARD_KINDS = ("contrast", "rename")
-SENTENCE_END = re.compile(r"(?<=[.!?])\s|(?<=[。！？])")
+SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s|(?<=[。！？])")
 
 
 @dataclass
@@ -54,8 +53,7 @@ class IdentityPairsArgs:
     max_new_tokens: int = 96
     """With --pairs: longest base answer; a cut-off answer is trimmed to its last full sentence."""
     batch_size: int = GENERATE_BATCH
-    """With --pairs: conversations answered per generation batch (default 48, as ballast#N: on 2 CPU cores 48 ballast
-    answers took 24.5 s in one batch against 33.7 s in batches of 16, docs/performance.md)."""
+    """With --pairs: conversations answered per generation batch (default 48, as ballast#N; docs/performance.md)."""
     guard: bool = True
     """With --pairs: also write guard pairs for the contrast and rename rows (chosen: their answer; rejected: the
     identity's self-introduction, or the same answer naming the new author as another AI's maker), so the name is
@@ -76,7 +74,7 @@ def plain(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> dict:
+def cached_base_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> dict:
     """{json(conversation): the base model's greedy answer or None}, cached as ballast is."""
     return cached_generations(model, tokenizer, prompts, max_new_tokens, batch_size, "identity_pairs", "base answers")
 
@@ -104,7 +102,7 @@ def make_pairs(rows: list[dict], tags: list[dict], answers: dict, new_identity: 
 def self_intro(builder: Builder, lang: str) -> str:
     """The first sentence of the identity's first basic answer in `lang`: how a leaking answer opens."""
     answer = builder.fill([{"role": "assistant", "content": builder.core(lang)[0][1]}], lang)[0]["content"]
-    return SENTENCE_END.split(answer, maxsplit=1)[0].strip()
+    return SENTENCE_BREAK.split(answer, maxsplit=1)[0].strip()
 
 
 def asked_lang(messages: list[dict]) -> str:
@@ -142,7 +140,7 @@ def identity_pairs(args: IdentityArgs, pargs: IdentityPairsArgs, model=None, tok
         from keel.model.load import ModelArgs, load_model
 
         model, tokenizer, _ = load_model(ModelArgs(model=pargs.model))
-    answers = base_answers(model, tokenizer, [plain(r["messages"][:-1]) for r, _ in keep], pargs.max_new_tokens,
+    answers = cached_base_answers(model, tokenizer, [plain(r["messages"][:-1]) for r, _ in keep], pargs.max_new_tokens,
                            pargs.batch_size)
     pairs, dropped = make_pairs(rows, tags, answers, args.name + args.author)
     guard = pargs.guard and bool(pairs)

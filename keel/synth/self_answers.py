@@ -13,8 +13,9 @@ What "states the identity" means here:
 - it does not recite its system prompt ("You are NAME..." / "你是NAME..."): a small model often copies the prompt,
   which says who *you* are, not who it is.
 Only rows that teach the identity are asked (basic, system_mix, multi_turn, reversal, pressure); contrast and
-rename rows keep their written answers, which must not carry it. Answers are cached as ballast is (keel/ballast.py).
-Measured on the embedded 135M model (docs/experiment.md): it keeps few answers there; the path is for larger models.
+rename rows keep their written answers, which must not carry it. Answers are cached as ballast is
+(keel/synth/ballast.py). The embedded 135M model states its identity in few answers (docs/recipe.md); the path is for
+larger models.
 """
 
 from __future__ import annotations

@@ -64,9 +64,9 @@ class TrainArgs:
     dataloader_num_workers: int = 0
     """Accepted for ms-swift compatibility; rows are tokenized once and held in memory."""
     packing_length: int | None = None
-    """Tokens per packed forward pass (default: 256 on CPU, the fastest measured there; batch x max_length on GPU)."""
+    """Tokens per packed forward pass (default: 256 on CPU, batch x max_length on GPU; docs/performance.md)."""
     cpu_autocast_bf16: bool | None = None
-    """On CPU, train in bfloat16: frozen base weights stored in bf16, matmuls in bf16 autocast, LoRA weights and optimizer in fp32. Default: on where the CPU has native bf16 (AVX-512 BF16 or AMX: ~1.25x faster, same outcomes over two seeds; docs/performance.md), off elsewhere (emulated bf16 is slower than fp32)."""
+    """On CPU, train in bfloat16: frozen base weights stored in bf16, matmuls in bf16 autocast, LoRA weights and optimizer in fp32. Default: on where the CPU has native bf16 (AVX-512 BF16 or AMX), off elsewhere, where bf16 is emulated and slower (docs/performance.md)."""
     eval_identity: bool = False
     """At every eval: identity hit rate, leakage and drift from the base model (cheap probes)."""
     metric_for_best_model: str = "eval_loss"

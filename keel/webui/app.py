@@ -184,7 +184,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
 
     @app.get("/api/config")
     async def config():
-        return {"roots": [str(r) for r in ui.roots], "defaults": forms.recipe_defaults(),
+        return {"roots": [str(r) for r in ui.roots], "defaults": forms.form_defaults(),
                 "loaded": {k: str(v) for k, v in ui.loaded.items()}}
 
     async def identity_rows(form):

@@ -62,7 +62,7 @@ class RunForm(IdentityForm):
     eval_steps: int = Field(10, ge=1)
 
 
-def recipe_defaults(model: str | None = None) -> dict:
+def form_defaults(model: str | None = None) -> dict:
     """The form's defaults: keel recipe identity's settings for this machine (CPU or GPU) and model (None: the
     embedded one), keel sft's for the rest."""
     from keel.data.mix import DataArgs
@@ -80,7 +80,7 @@ def recipe_defaults(model: str | None = None) -> dict:
 def with_defaults(form: RunForm) -> tuple[RunForm, dict]:
     """The form with its empty fields set to the defaults, and the recipe's settings the form does not show
     (keel sft flags: gradient accumulation, how ballast is learned)."""
-    d = recipe_defaults(form.model.strip() or None)
+    d = form_defaults(form.model.strip() or None)
     filled = form.model_copy(update={k: d[k] for k in ("general", "num_train_epochs", "learning_rate", "lora_rank",
                                                        "max_length") if getattr(form, k) is None})
     return filled, {k: d[k] for k in ("gradient_accumulation_steps", "ballast_loss")}
