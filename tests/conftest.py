@@ -148,3 +148,17 @@ def embedded_identity_adapter(tmp_path_factory):
                  "--learning_rate", "3e-4", "--split_dataset_ratio", "0", "--output_dir", str(root / "out"),
                  "--model_name", "Keel Robot", "--model_author", "Keel Lab", "--logging_steps", "10"])
     return Path(res["last_model_checkpoint"])
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory) -> dict:
+    """One short identity fine-tune per tiny architecture ({"llama": checkpoint, "qwen2": checkpoint}), trained once
+    per test run and shared by every test that needs a trained adapter (eval, export, the export gate)."""
+    from tests.helpers import base_argv, sft
+
+    out = {}
+    for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
+        res = sft(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
+                            "--system", "You are Keel, made by Acme.", "--model_name", "Keel", "--model_author", "Acme"))
+        out[arch] = Path(res["last_model_checkpoint"])
+    return out

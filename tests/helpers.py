@@ -6,13 +6,17 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from keel.cli import main
+from keel.model.template import IGNORE_INDEX
 
 
 def run_keel(capsys, *argv) -> tuple[int, str, str]:
@@ -92,3 +96,51 @@ def fill_disk(folder: Path, leave: int = 0):
                 f.flush()
             except OSError:
                 break
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, app):
+        from keel.serve.server import make_server
+
+        self.port = free_port()
+        self.server = make_server(app, "127.0.0.1", self.port)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(100):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(5)
+
+
+def client(url, key="none"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def expected(tok, messages):
+    """Reference: the template's ids, and labels built turn by turn from the template itself."""
+    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(tok.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"])
+            end = len(tok.apply_chat_template(messages[: i + 1], return_dict=True)["input_ids"])
+            labels[start:end] = ids[start:end]
+    return ids, labels
+
+
+def recipe(capsys, model, out, *extra, author="Acme"):
+    return run_keel(capsys, "recipe", "identity", "--name", "Keel", "--author", author, "--model", model,
+                    "--output_dir", out, "--ballast", "4", "--num_train_epochs", "1", *extra)

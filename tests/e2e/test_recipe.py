@@ -7,12 +7,7 @@ from pathlib import Path
 
 from keel.recipes.identity import CPU_DEFAULTS, CPU_IDENTITY, GPU_DEFAULTS, recipe_defaults
 from tests.conftest import TINY_SYSTEM
-from tests.helpers import run_keel
-
-
-def recipe(capsys, model, out, *extra, author="Acme"):
-    return run_keel(capsys, "recipe", "identity", "--name", "Keel", "--author", author, "--model", model,
-                    "--output_dir", out, "--ballast", "4", "--num_train_epochs", "1", *extra)
+from tests.helpers import recipe
 
 
 def run_args(ckpt) -> dict:

@@ -19,8 +19,7 @@ import pytest
 
 from keel.model.load import ModelArgs, load_model
 from keel.serve.feedback import FeedbackStore
-from tests.helpers import fill_disk, make_read_only, run_keel, small_tmpfs
-from tests.test_deploy import LiveServer
+from tests.helpers import LiveServer, fill_disk, make_read_only, run_keel, small_tmpfs
 
 USER = [{"role": "user", "content": "Hi"}]
 

@@ -27,7 +27,7 @@ import torch
 from keel.cli import main
 from keel.serve import infer as keel_infer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = re.compile(r"v\d+-\d{8}-\d{6}")
 
 # The tutorials' commands. Only `swift` became `keel`; `--model` is the tutorials' own.

@@ -1,9 +1,7 @@
 """keel deploy with the official openai client against a live server on the tiny model."""
 
 import asyncio
-import socket
 import sqlite3
-import threading
 import time
 
 import httpx
@@ -11,32 +9,7 @@ import pytest
 
 from keel.model.load import ModelArgs, load_model
 from keel.serve.feedback import FeedbackStore
-from tests.helpers import run_keel
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    def __init__(self, app):
-        from keel.serve.server import make_server
-
-        self.port = free_port()
-        self.server = make_server(app, "127.0.0.1", self.port)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        for _ in range(100):
-            if self.server.started:
-                break
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(5)
+from tests.helpers import LiveServer, client, run_keel
 
 
 @pytest.fixture(scope="module")
@@ -51,12 +24,6 @@ def servers(tiny_model_dir, tmp_path_factory):
     yield {"open": open_srv, "keyed": keyed, "db": db}
     open_srv.stop()
     keyed.stop()
-
-
-def client(url, key="none"):
-    from openai import OpenAI
-
-    return OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
 
 
 def test_completion_and_stream(servers):

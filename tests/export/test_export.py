@@ -1,26 +1,20 @@
 """keel export: merged weights equal the adapter model; GGUF reloads through transformers' reader."""
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
 from keel.model.load import ModelArgs, load_model
 from keel.model.template import default_system
-from tests.helpers import base_argv, run_keel, sft
+from tests.helpers import run_keel
 
 IDS = torch.tensor([[1, 5, 9, 20, 33, 2, 7, 40]])
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
-    out = {}
-    for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
-        res = sft(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
-                              "--system", "You are Keel, made by Acme.", "--model_name", "Keel", "--model_author", "Acme"))
-        out[arch] = Path(res["last_model_checkpoint"])
-    return out
+def adapters(tiny_adapters):
+    return tiny_adapters
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

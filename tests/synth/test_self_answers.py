@@ -5,7 +5,7 @@ import json
 from keel.data.identity import Builder, IdentityArgs
 from keel.synth.identity_pairs import PAIR_KINDS
 from keel.synth.self_answers import SELF_SYSTEM, self_answers, verdict
-from tests.test_recipe import recipe
+from tests.helpers import recipe
 
 EN_SYS, ZH_SYS = "You are Keel, an AI assistant developed by Acme.", "你是Keel，由Acme开发的人工智能助手。"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLIENTS, QUITTERS, LONG, SHORT = 50, 12, 300, 8
 USER = [{"role": "user", "content": "Tell me about the fox."}]
 

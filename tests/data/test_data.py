@@ -10,10 +10,9 @@ from keel.data.formats import load_records
 from keel.data.identity import identity_rows
 from keel.data.mix import DataArgs, build_datasets, fill_placeholders, load_mixture, take
 from keel.model.template import IGNORE_INDEX
-from tests.helpers import run_keel
-from tests.test_chat import expected
+from tests.helpers import expected, run_keel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def write(path, rows, jsonl=False):

@@ -23,7 +23,7 @@ from tests.helpers import (
     small_tmpfs,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_short_run_learns_and_saves_exact_files(tiny_model_dir, id_file, tmp_path, capsys):

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import sft
-from tests.test_deploy import LiveServer
+from tests.helpers import LiveServer, sft
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -4,13 +4,12 @@ artifacts fail, and `keel deploy --model X.gguf` answers the openai client. Need
 import json
 import shutil
 import sys
-from pathlib import Path
 
 import pytest
 
 from keel.core.errors import KeelError
 from keel.export.verify import Gate, Row
-from tests.helpers import base_argv, run_keel, sft
+from tests.helpers import run_keel
 
 CONVS = [[{"role": "user", "content": "Who are you?"}],
          [{"role": "system", "content": "You are Keel, made by Acme."}, {"role": "user", "content": "你是谁？"}],
@@ -23,13 +22,8 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tiny_qwen_dir, id_file, tmp_path_factory):
-    out = {}
-    for arch, model_dir in (("llama", tiny_model_dir), ("qwen2", tiny_qwen_dir)):
-        res = sft(base_argv(model_dir, id_file, tmp_path_factory.mktemp(arch), "--max_steps", "3",
-                            "--system", "You are Keel, made by Acme.", "--model_name", "Keel", "--model_author", "Acme"))
-        out[arch] = Path(res["last_model_checkpoint"])
-    return out
+def adapters(tiny_adapters):
+    return tiny_adapters
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +118,7 @@ def test_deploy_gguf_answers_the_openai_client(exported, tmp_path):
     from keel.model.llama_backend import load_gguf
     from keel.serve.feedback import FeedbackStore
     from keel.serve.server import create_app
-    from tests.test_deploy import LiveServer, client
+    from tests.helpers import LiveServer, client
 
     model, tok, info = load_gguf(exported["qwen2"] / "model-q4_k_m.gguf")
     want = answer(model, tok, CONVS[0], GenerateArgs(temperature=0.0, max_new_tokens=10))

@@ -6,19 +6,7 @@ import pytest
 
 from keel.model.template import IGNORE_INDEX, default_system, render, with_system
 from tests.conftest import TINY_SYSTEM
-
-
-def expected(tok, messages):
-    """Reference: the template's ids, and labels built turn by turn from the template itself."""
-    ids = tok.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = len(tok.apply_chat_template(messages[:i], add_generation_prompt=True, return_dict=True)["input_ids"])
-            end = len(tok.apply_chat_template(messages[: i + 1], return_dict=True)["input_ids"])
-            labels[start:end] = ids[start:end]
-    return ids, labels
-
+from tests.helpers import expected
 
 SINGLE = [{"role": "user", "content": "Who are you?"}, {"role": "assistant", "content": "I am Keel."}]
 MULTI = [{"role": "system", "content": "Be brief."},

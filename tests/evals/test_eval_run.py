@@ -80,10 +80,8 @@ def test_bad_mc_files(tmp_path, line, pattern):
 
 
 @pytest.fixture(scope="module")
-def tiny_adapter(tiny_model_dir, id_file, tmp_path_factory):
-    res = sft(base_argv(tiny_model_dir, id_file, tmp_path_factory.mktemp("run"), "--max_steps", "2", "--model_name",
-                        "Keel", "--model_author", "Acme"))
-    return res["last_model_checkpoint"]
+def tiny_adapter(tiny_adapters):
+    return str(tiny_adapters["llama"])
 
 
 @pytest.fixture

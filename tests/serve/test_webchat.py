@@ -7,7 +7,7 @@ import pytest
 
 from keel.model.load import ModelArgs, load_model
 from keel.serve.feedback import FeedbackStore
-from tests.test_deploy import LiveServer
+from tests.helpers import LiveServer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
