@@ -287,6 +287,17 @@ def training_probe(args: TrainArgs, model, tok, data: DataArgs):
     return TrainingProbe(model, tok, data.system, data.model_name, data.model_author)
 
 
+def step_record(run: Run, step: int, start_step: int, start: float, since: float, tokens: int, grad_norm: float,
+                lr: float) -> dict:
+    """The logged fields both loops share: schedule, progress, speed since the last record, and peak memory."""
+    elapsed, dt = time.time() - start, max(time.time() - since, 1e-9)
+    return {"grad_norm": round(grad_norm, 4), "learning_rate": lr, "epoch": round(step / run.steps_per_epoch, 3),
+            "global_step/max_steps": f"{step}/{run.total}", "elapsed_time": round(elapsed, 1),
+            "remaining_time": round(elapsed / (step - start_step) * (run.total - step), 1),
+            "train_tokens_per_second": round(tokens * run.accelerator.num_processes / dt, 1),
+            "memory": round(peak_memory_gb(run.accelerator.device), 3)}
+
+
 def evaluate_log_save(run: Run, args: TrainArgs, step: int, record: dict, best: dict, evaluate, **state) -> dict:
     """The end of a step: evaluate (validation rows, then the probe) at eval and save steps, write the record, save
     a checkpoint (with `state`) at save steps and the last; returns the best checkpoint so far."""

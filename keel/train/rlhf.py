@@ -50,10 +50,10 @@ from keel.train.loop import (
     open_run_dir,
     optimizer_and_schedule,
     optimizer_step,
-    peak_memory_gb,
     restore,
     run_config,
     start_run,
+    step_record,
     trainable_model,
     training_probe,
 )
@@ -253,13 +253,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
             summed["loss"] /= len(log)  # each step's loss is already a mean
             if "kl" in summed:
                 summed["kl"] /= len(log)
-            elapsed, dt = time.time() - start, max(time.time() - t0, 1e-9)
-            record = {**summarise(summed), "grad_norm": round(grad_norm, 4), "learning_rate": lr,
-                      "epoch": round(step / run.steps_per_epoch, 3), "global_step/max_steps": f"{step}/{total}",
-                      "elapsed_time": round(elapsed, 1),
-                      "remaining_time": round(elapsed / (step - start_step) * (total - step), 1),
-                      "train_tokens_per_second": round(summed["tokens"] * accelerator.num_processes / dt, 1),
-                      "memory": round(peak_memory_gb(device), 3)}
+            record = {**summarise(summed), **step_record(run, step, start_step, start, t0, summed["tokens"], grad_norm, lr)}
             if main_process:
                 third = f"kl {record['kl']:.4f}" if "kl" in record else f"acc {record['rewards/accuracies']:.2f}"
                 tqdm.write(f"step {step}/{total} | loss {record['loss']:.4f} | margin "

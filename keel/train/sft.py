@@ -42,10 +42,10 @@ from keel.train.loop import (
     open_run_dir,
     optimizer_and_schedule,
     optimizer_step,
-    peak_memory_gb,
     restore,
     run_config,
     start_run,
+    step_record,
     trainable_model,
     training_probe,
 )
@@ -135,7 +135,8 @@ def ballast_teacher(model, tok, data: DataArgs, args: TrainArgs, sft: SftArgs, a
 
 
 def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft: SftArgs) -> dict:
-    """Run `keel sft`; returns the run folder and the last and best checkpoints."""
+    """Run `keel sft`; returns the run folder and the last and best checkpoints. The loop stays whole: it is the
+    one place to read what a step does."""
     from tqdm import tqdm
 
     run = setup(margs, data, lora, args, sft)
@@ -172,16 +173,9 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft
 
         record = {}
         if step % args.logging_steps == 0 or step == total:
-            elapsed = time.time() - start
-            dt = max(time.time() - log["t0"], 1e-9)
             record = {"loss": round(log["loss"] / max(log["labels"], 1), 4),
                       "token_acc": round(log["correct"] / max(log["labels"], 1), 4),
-                      "grad_norm": round(grad_norm, 4), "learning_rate": lr,
-                      "epoch": round(step / run.steps_per_epoch, 3), "global_step/max_steps": f"{step}/{total}",
-                      "elapsed_time": round(elapsed, 1),
-                      "remaining_time": round(elapsed / (step - start_step) * (total - step), 1),
-                      "train_tokens_per_second": round(log["tokens"] * accelerator.num_processes / dt, 1),
-                      "memory": round(peak_memory_gb(device), 3)}
+                      **step_record(run, step, start_step, start, log["t0"], log["tokens"], grad_norm, lr)}
             if main_process:
                 tqdm.write(f"step {step}/{total} | loss {record['loss']:.4f} | acc {record['token_acc']:.2f} | "
                            f"lr {lr:.2e} | {record['train_tokens_per_second']:.0f} tok/s")
