@@ -56,6 +56,13 @@ def shared_prefix_len(rows: list[tuple[list[int], list[int]]]) -> int:
     return max(n, 0)
 
 
+def by_start(rows: list[tuple[list[int], list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """The rows of one optimizer step ordered by their token ids, so rows that start alike (the same system prompt
+    and template) are neighbours and `pack` computes their common start once. A step's gradient is a sum over its
+    rows, so their order changes nothing but the packing."""
+    return sorted(rows, key=lambda row: row[0])
+
+
 def pack(rows: list[tuple[list[int], list[int]]], budget: int, share_prefix: bool = True) -> list[dict]:
     """Greedy, in order: rows into sequences of at most `budget` tokens (a longer row goes alone).
 

@@ -34,7 +34,7 @@ from keel.model.template import IGNORE_INDEX
 from keel.synth.ballast import resolve_ballast
 from keel.synth.guards import ballast_guards
 from keel.train.args import BALLAST_CE_TOKENS, SftArgs, TrainArgs
-from keel.train.batching import epoch_windows, micro_batches
+from keel.train.batching import by_start, epoch_windows, micro_batches
 from keel.train.loop import (
     Run,
     close_run,
@@ -155,6 +155,8 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft
         rows = [run.train_rows[i] for i in windows[epoch][index]]
         if run.teacher:
             rows = run.teacher.with_guards(rows)
+        if sft.packing and sft.share_prefix:
+            rows = by_start(rows)
         # Normalise by the label tokens of the whole step, on every process, before any backward.
         n_local = sum(sum(x != IGNORE_INDEX for x in labels[1:]) for _, labels in rows)
         n_step = accelerator.reduce(torch.tensor(n_local, device=device), "sum").item()

@@ -3,7 +3,7 @@
 import torch
 
 from keel.model.template import IGNORE_INDEX, render, with_system
-from keel.train.batching import epoch_windows, micro_batches, shared_prefix_len
+from keel.train.batching import by_start, epoch_windows, micro_batches, shared_prefix_len
 from keel.train.losses import token_loss
 from tests.conftest import build_model
 
@@ -103,3 +103,21 @@ def test_shared_prefix_stops_where_rows_differ(tiny_tokenizer):
     assert shared_prefix_len([a, b]) == common  # only the template tokens before the system text
     batch = micro_batches([a, b], True, 1, 512, tiny_tokenizer.pad_token_id, share_prefix=False)[0]
     assert "attention_mask" not in batch  # plain packing: transformers builds the mask from position ids
+
+
+def test_rows_ordered_by_start_share_more_and_learn_the_same(tiny_tokenizer):
+    """A step's rows under two system prompts, interleaved: ordered by their start, rows with the same system prompt
+    become neighbours, the packed passes compute fewer tokens, and the step's loss and gradients are unchanged."""
+    systems = ["You are a helpful assistant.", "You are Keel, an assistant made by Acme Lab. Answer briefly."]
+    rows = [render(tiny_tokenizer, with_system(c, systems[i % 2])) for i, c in enumerate(CONVS + CONVS)]
+    ordered = by_start(rows)
+    assert sorted(map(str, ordered)) == sorted(map(str, rows))  # the same rows
+    pad_id = tiny_tokenizer.pad_token_id
+    budget = sum(len(ids) for ids, _ in rows) // 2 + 8  # two passes
+    as_given, grouped = micro_batches(rows, True, 1, budget, pad_id), micro_batches(ordered, True, 1, budget, pad_id)
+    assert sum(b["input_ids"].shape[1] for b in grouped) < sum(b["input_ids"].shape[1] for b in as_given)
+    model = build_model("llama", len(tiny_tokenizer), tiny_tokenizer.eos_token_id)
+    model.config._attn_implementation = "sdpa"
+    la, ga = loss_and_grads(model, as_given)
+    lb, gb = loss_and_grads(model, grouped)
+    assert abs(la - lb) < 1e-5 and same_grads(ga, gb)
