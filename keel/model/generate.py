@@ -72,9 +72,6 @@ def no_grad_context(model):
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
                    batch_size: int = 8, progress=None) -> list[str]:
     """Answer many conversations; returns the answers in input order."""
-    import torch
-
-
     gen = gen or GenerateArgs()
     _seed(gen)
     prompts = [prompt_ids(tokenizer, c) for c in conversations]

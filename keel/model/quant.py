@@ -51,6 +51,15 @@ class QuantArgs:
         return self.quant_method is not None
 
 
+def check_quant_training(quant: QuantArgs, cpu_autocast_bf16: bool | None) -> None:
+    """What training refuses with a quantized base, before anything loads."""
+    if quant.enabled and cpu_autocast_bf16:
+        raise KeelError("--cpu_autocast_bf16 true with --quant_method bnb: the quantized layers compute in "
+                        "--bnb_4bit_compute_dtype (bfloat16 for bf16 matmuls)")
+    if quant.enabled:
+        require_bitsandbytes()
+
+
 def require_bitsandbytes():
     """One line instead of an ImportError deep inside transformers."""
     import importlib.util

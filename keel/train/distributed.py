@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from keel.core.errors import KeelError
+from keel.model.quant import check_quant_training
 from keel.model.template import IGNORE_INDEX
 from keel.train.batching import micro_batches
 
@@ -39,9 +40,7 @@ def check_combination(dist: DistributedArgs, quant, args) -> None:
     if dist.fsdp and quant.enabled:
         raise KeelError("--fsdp fsdp2 with --quant_method bnb is not supported: bitsandbytes' 4/8-bit weights "
                         "are not sharded by FSDP2; run QLoRA on one process or under torchrun without --fsdp")
-    if quant.enabled and args.cpu_autocast_bf16:
-        raise KeelError("--cpu_autocast_bf16 true with --quant_method bnb: the quantized layers compute in "
-                        "--bnb_4bit_compute_dtype (bfloat16 for bf16 matmuls)")
+    check_quant_training(quant, args.cpu_autocast_bf16)
 
 
 def check_processes(dist: DistributedArgs, accelerator) -> None:
