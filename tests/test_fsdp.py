@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from tests.helpers import assert_resumed_like, base_argv, read_log, run_keel, sft
 
 ROOT = Path(__file__).resolve().parents[1]
-# fp32 on every CPU (the subprocesses do not see conftest's patch), 4 steps, checkpoints at 2 and 4
+# 4 steps, checkpoints at 2 and 4; fp32 in the one-process run too (a sharded run is fp32 on a CPU)
 COMMON = ("--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--cpu_autocast_bf16", "false")
 
 
@@ -79,6 +79,7 @@ def test_sharded_run_resumes_exactly(tiny_model_dir, id_file, tmp_path):
     (["--fsdp", "fsdp1"], "--fsdp must be fsdp2"),
     (["--fsdp", "fsdp2"], "--fsdp fsdp2 shards the model across processes: launch with torchrun"),
     (["--fsdp", "fsdp2", "--quant_method", "bnb"], "--fsdp fsdp2 with --quant_method bnb is not supported"),
+    (["--fsdp", "fsdp2", "--cpu_autocast_bf16", "true"], "--cpu_autocast_bf16 true with --fsdp fsdp2 is not supported"),
 ])
 def test_refused_combinations_are_one_line(tiny_model_dir, id_file, tmp_path, capsys, flags, pattern):
     code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, *flags))

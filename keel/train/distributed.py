@@ -40,6 +40,9 @@ def check_combination(dist: DistributedArgs, quant, args) -> None:
     if dist.fsdp and quant.enabled:
         raise KeelError("--fsdp fsdp2 with --quant_method bnb is not supported: bitsandbytes' 4/8-bit weights "
                         "are not sharded by FSDP2; run QLoRA on one process or under torchrun without --fsdp")
+    if dist.fsdp and args.cpu_autocast_bf16:
+        raise KeelError("--cpu_autocast_bf16 true with --fsdp fsdp2 is not supported: FSDP2 gathers the frozen "
+                        "weights in the dtype they were sharded in (float32 on a CPU)")
     check_quant_training(quant, args.cpu_autocast_bf16)
 
 

@@ -252,8 +252,9 @@ def trainable_model(margs: ModelArgs, lora: LoraArgs, data: DataArgs, args: Trai
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # on CPU long packed passes get slower per token (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    args.cpu_autocast_bf16 = False if quantized else cpu_bf16_training(args.cpu_autocast_bf16, device,
-                                                                        warn=accelerator.is_main_process)
+    # a quantized base computes in its own dtype; FSDP2 gathers weights in the dtype they were sharded in
+    args.cpu_autocast_bf16 = False if quantized or shard else cpu_bf16_training(args.cpu_autocast_bf16, device,
+                                                                                 warn=accelerator.is_main_process)
     return model, tok, info, params
 
 
