@@ -70,7 +70,8 @@ def test_4bit_loss_and_gradients_match_the_dequantized_model(tiny_model_dir, qua
 
 
 @pytest.mark.parametrize("bits", ["4", "8"])
-def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(tiny_model_dir, id_file, tmp_path, bits):
+def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(tiny_model_dir, id_file, tmp_path, bits,
+                                                                           capsys):
     pytest.importorskip("bitsandbytes")
     from keel.model.load import ModelArgs, load_model
 
@@ -78,6 +79,7 @@ def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(tiny_
                         "--quant_bits", bits))
     losses = [r["loss"] for r in read_log(res["run_dir"]) if "loss" in r]
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-3:]) < sum(losses[:3]) * 0.9, losses
+    assert ("| 8-bit base |" if bits == "8" else "| 4-bit nf4 base |") in capsys.readouterr().out  # as loaded
     saved = json.loads((Path(res["run_dir"]) / "args.json").read_text())
     assert saved["quant_bits"] == int(bits) and saved["quant_method"] == "bnb" and saved["cpu_autocast_bf16"] is False
     tuned, _, _ = load_model(ModelArgs(adapters=[res["last_model_checkpoint"]]))  # keel infer's load: no --quant_*

@@ -87,6 +87,16 @@ def is_quantized(model) -> bool:
     return bool(getattr(inner, "is_loaded_in_4bit", False) or getattr(inner, "is_loaded_in_8bit", False))
 
 
+def base_precision(model) -> str:
+    """How the base weights are held, as loaded (for the run line): '4-bit nf4 base' and the like, or ''."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    quantizer = getattr(inner, "hf_quantizer", None) if is_quantized(model) else None
+    config = getattr(quantizer, "quantization_config", None)
+    if config is None:
+        return ""
+    return "8-bit base" if config.load_in_8bit else f"4-bit {config.bnb_4bit_quant_type} base"
+
+
 def prepare_quantized(model):
     """Ready a bitsandbytes-loaded model for LoRA training: peft's prepare_model_for_kbit_training (base frozen,
     its small float weights in fp32; gradient checkpointing is the training setup's switch), and the CPU repack

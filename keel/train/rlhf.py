@@ -42,7 +42,7 @@ from keel.data.mix import DataArgs
 from keel.data.pairs import KTO, build_pairs
 from keel.model.load import ModelArgs, bf16_frozen_weights, eval_mode
 from keel.model.lora import LoraArgs
-from keel.model.quant import QuantArgs, check_quant_training
+from keel.model.quant import QuantArgs, base_precision, check_quant_training
 from keel.train.args import TrainArgs
 from keel.train.batching import epoch_windows
 from keel.train.loop import (
@@ -222,7 +222,8 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     if main_process:
         open_run_dir(run_dir, resume, run.step, config, manifest)
         print(f"run {run_dir} | {pref.rlhf_type} | {plan.total} steps | {sum(p.numel() for p in params):,} trainable "
-              f"parameters | reference: {reference} | device {device}")
+              f"parameters | reference: {reference} | " + "".join(f"{x} | " for x in (base_precision(model),) if x)
+              + f"device {device}")
     return run
 
 

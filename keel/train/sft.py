@@ -32,7 +32,7 @@ from keel.data.mix import DataArgs, build_datasets, parse_spec
 from keel.evals.probe import identity_check
 from keel.model.load import ModelArgs, bf16_frozen_weights, eval_mode
 from keel.model.lora import LoraArgs
-from keel.model.quant import QuantArgs
+from keel.model.quant import QuantArgs, base_precision
 from keel.model.template import IGNORE_INDEX
 from keel.synth.ballast import resolve_ballast
 from keel.synth.guards import ballast_guards
@@ -119,7 +119,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft
     if main_process:
         open_run_dir(run_dir, resume, run.step, config, manifest)
         print(f"run {run_dir} | {plan.total} steps | {sum(p.numel() for p in params):,} trainable parameters | "
-              f"device {device}")
+              + "".join(f"{x} | " for x in (base_precision(model),) if x) + f"device {device}")
     return run
 
 
