@@ -12,7 +12,7 @@ from keel.data.mix import DataArgs
 from keel.model.lora import LoraArgs
 from keel.model.quant import QuantArgs
 from keel.train.args import TrainArgs
-from tests.helpers import base_argv, read_log, run_keel, sft
+from tests.helpers import assert_resumed_like, base_argv, checkpoint_copy, read_log, run_keel, sft
 
 CPU = SimpleNamespace(device=torch.device("cpu"), is_main_process=True, num_processes=1)
 
@@ -85,6 +85,17 @@ def test_qlora_run_learns_and_its_adapter_loads_on_the_full_precision_base(tiny_
     tuned, _, _ = load_model(ModelArgs(adapters=[res["last_model_checkpoint"]]))  # keel infer's load: no --quant_*
     assert not getattr(tuned.get_base_model(), "is_loaded_in_4bit", False)
     assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)
+
+
+def test_qlora_resume_reproduces_uninterrupted(tiny_model_dir, id_file, tmp_path):
+    """The adapter is reloaded onto a freshly quantized base: the resumed run logs the same losses after step 2
+    and ends with the same adapter, bit for bit."""
+    pytest.importorskip("bitsandbytes")
+    argv = ("--max_steps", "4", "--save_steps", "2", "--quant_method", "bnb")
+    full = sft(base_argv(tiny_model_dir, id_file, tmp_path / "a", *argv))
+    resumed = sft(base_argv(tiny_model_dir, id_file, tmp_path / "b", *argv, "--resume_from_checkpoint",
+                            checkpoint_copy(full, tmp_path / "b", step=2)))
+    assert_resumed_like(full, resumed, step=2)
 
 
 @pytest.mark.parametrize("flags,pattern", [

@@ -221,9 +221,9 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     run.probe = training_probe(args, model, tok, data)
     if main_process:
         open_run_dir(run_dir, resume, run.step, config, manifest)
+        base = base_precision(model)
         print(f"run {run_dir} | {pref.rlhf_type} | {plan.total} steps | {sum(p.numel() for p in params):,} trainable "
-              f"parameters | reference: {reference} | " + "".join(f"{x} | " for x in (base_precision(model),) if x)
-              + f"device {device}")
+              f"parameters | reference: {reference} | " + (f"{base} | " if base else "") + f"device {device}")
     return run
 
 
