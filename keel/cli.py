@@ -57,7 +57,7 @@ def main_data(argv: list[str]):
     return importlib.import_module(DATA_SUBCOMMANDS[name]).main(argv[1:])
 
 
-NOISY_LIBRARIES = ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "gguf", "tokenizers")
+NOISY_LIBRARIES = ("transformers", "peft", "accelerate", "torch", "huggingface_hub", "gguf", "tokenizers", "bitsandbytes")
 
 
 def usage() -> str:

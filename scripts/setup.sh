@@ -31,3 +31,7 @@ if [[ ",${KEEL_EXTRAS:-}," == *",gguf,"* ]] && ! python -c "import llama_cpp" 2>
   CMAKE_ARGS="${CMAKE_ARGS:-} -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
     CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" python -m pip install -q -e ".[gguf]"
 fi
+# bitsandbytes (the .[qlora] extra: keel sft/rlhf --quant_method bnb), a prebuilt wheel: when asked, KEEL_EXTRAS=qlora.
+if [[ ",${KEEL_EXTRAS:-}," == *",qlora,"* ]] && ! python -c "import bitsandbytes" 2>/dev/null; then
+  python -m pip install -q -e ".[qlora]"
+fi

@@ -60,12 +60,18 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+def no_grad_context(model):
+    """inference_mode, or no_grad for a model sharded by FSDP (transformers' mark): the weights it gathers for a
+    pass live in buffers that later training passes reuse, and inference tensors cannot be updated outside it."""
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return torch.no_grad() if getattr(inner, "_is_fsdp_managed_module", False) else torch.inference_mode()
+
+
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
                    batch_size: int = 8, progress=None) -> list[str]:
     """Answer many conversations; returns the answers in input order."""
-    import torch
-
-
     gen = gen or GenerateArgs()
     _seed(gen)
     prompts = [prompt_ids(tokenizer, c) for c in conversations]
@@ -77,7 +83,7 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
         idx = order[start:start + batch_size]
         ids, mask = pad_batch([prompts[i] for i in idx], pad, left=True)  # (B, T): generation continues on the right
         width = ids.shape[1]
-        with torch.inference_mode():
+        with no_grad_context(model):
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  **sampling_kwargs(tokenizer, gen))
         for row, i in enumerate(idx):

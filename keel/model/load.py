@@ -276,11 +276,13 @@ def load_tokenizer(path: str):
     return tok
 
 
-def _from_pretrained(path: str, dtype):
+def _from_pretrained(path: str, dtype, quantization=None, device=None):
     from transformers import AutoModelForCausalLM
 
+    # bitsandbytes quantizes as it loads, on the device the layers are placed on
+    placed = {"quantization_config": quantization, "device_map": {"": device}} if quantization else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", **placed)
     except (OSError, ValueError) as e:
         raise KeelError(f"--model: cannot read '{path}' ({str(e).splitlines()[0][:160]})") from None
 
@@ -309,8 +311,11 @@ def eval_mode(model):
             model.train()
 
 
-def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None):
-    """Load (model, tokenizer, info). Adapters beyond the last are merged in, in order."""
+def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None, quant=None):
+    """Load (model, tokenizer, info). Adapters beyond the last are merged in, in order.
+
+    quant (keel.model.quant.QuantArgs, training only): the base model quantized by bitsandbytes as it loads and
+    readied for LoRA training on top (prepare_quantized), before any adapter is attached."""
     spec = base_model_spec(args)
     path, name = resolve_model_path(spec)
     dev, dtype = pick_device_dtype(args.torch_dtype, args.num_threads)
@@ -319,10 +324,20 @@ def load_model(args: ModelArgs, trainable_adapter: bool = False, device=None):
         tokenizer = load_tokenizer(path)
     except OSError:
         tokenizer = None
-    model = _from_pretrained(path, dtype)
+    qconfig = None
+    if quant is not None and quant.enabled:
+        from keel.model.quant import quantization_config
+
+        qconfig = quantization_config(quant, dtype)
+    model = _from_pretrained(path, dtype, qconfig, dev)
     if tokenizer is None:
         raise KeelError(f"--model: '{name}' has no tokenizer files")
-    model.to(dev)
+    if qconfig is None:
+        model.to(dev)
+    else:
+        from keel.model.quant import prepare_quantized
+
+        model = prepare_quantized(model)
     saved = read_adapter_args(args.adapters[-1]) if args.adapters else {}
     for i, a in enumerate(args.adapters):
         model = attach_adapter(model, a, trainable=trainable_adapter and i == len(args.adapters) - 1)

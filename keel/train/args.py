@@ -48,7 +48,7 @@ class TrainArgs:
     max_grad_norm: float = 1.0
     """Gradient clipping norm."""
     gradient_checkpointing: bool | None = None
-    """Recompute activations in the backward pass to save memory (default: on for CUDA, off on CPU, where it costs time)."""
+    """Recompute activations in the backward pass to save memory (default: on for CUDA and for a quantized base (QLoRA), off otherwise on CPU, where it costs time)."""
     eval_steps: int = 500
     """Evaluate on the validation rows every N steps (and at the end)."""
     save_steps: int = 500

@@ -30,15 +30,16 @@ STEP = re.compile(r"checkpoint-(\d+)$")
 PARTIAL_PREFIX = ".checkpoint-"  # temporary folders of saves in progress
 
 
-def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dict) -> Path:
-    """Write checkpoint-STEP: the PEFT adapter, args.json and the resume state."""
+def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dict, state_dict: dict | None = None) -> Path:
+    """Write checkpoint-STEP: the PEFT adapter, args.json and the resume state. state_dict: the model's weights when
+    the model itself holds only a shard of them (FSDP2: gathered by keel/train/distributed.py)."""
     final = run_dir / f"checkpoint-{step}"
     if final.exists():
         return final
     tmp = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step}-", dir=run_dir))
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template: not ours to ship
         write_json(tmp / "args.json", args_dict)
         torch.save(state, tmp / STATE_FILE)

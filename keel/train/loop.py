@@ -39,6 +39,7 @@ from keel.train.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from keel.train.distributed import gather_state, is_sharded, load_optimizer_state, local_value, shard_model
 from keel.train.tracking import report
 
 
@@ -70,6 +71,17 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_states(accelerator) -> list[dict]:
+    """Every process's random state, in process order (a collective under torchrun; [] for one process)."""
+    if accelerator.num_processes < 2:
+        return []
+    import torch.distributed as tdist
+
+    states = [None] * accelerator.num_processes
+    tdist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rng_state(state: dict):
@@ -122,9 +134,9 @@ def optimizer_step(run: Run, max_grad_norm: float) -> tuple[float, float]:
     for p in run.params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if run.accelerator.num_processes > 1:
+        if run.accelerator.num_processes > 1 and not is_sharded(run.model):  # FSDP2 has reduced its own
             p.grad = run.accelerator.reduce(p.grad, "mean")
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, max_grad_norm).item()
+    grad_norm = local_value(torch.nn.utils.clip_grad_norm_(run.params, max_grad_norm)).item()
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
@@ -150,10 +162,13 @@ def save_step(run: Run, args: TrainArgs, step: int, record: dict, best: dict, **
     path = run.run_dir / f"checkpoint-{step}"
     if better:
         best = {"metric": float(metric), "path": str(path)}  # plain values: load_state is weights_only
+    adapter, optimizer = gather_state(run.model, run.optimizer) if is_sharded(run.model) else (None, None)
+    rngs = rng_states(run.accelerator)
     if run.accelerator.is_main_process:
-        state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-                 "rng": rng_state(), "step": step, "best": best, **state}
-        save_checkpoint(run.run_dir, step, run.accelerator.unwrap_model(run.model), state, run.config)
+        state = {"optimizer": optimizer or run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+                 "rng": rng_state(), "rng_ranks": rngs, "step": step, "best": best, **state}
+        save_checkpoint(run.run_dir, step, run.accelerator.unwrap_model(run.model), state, run.config,
+                        state_dict=adapter)
         rotate_checkpoints(run.run_dir, args.save_total_limit, Path(best["path"]) if best["path"] else None)
     run.accelerator.wait_for_everyone()
     return best
@@ -208,12 +223,18 @@ def start_run(margs: ModelArgs, args: TrainArgs, mine: dict, resume_keys) -> tup
     return accelerator, margs, resume, run_dir, saved
 
 
-def trainable_model(margs: ModelArgs, lora: LoraArgs, data: DataArgs, args: TrainArgs, accelerator) -> tuple:
+def trainable_model(margs: ModelArgs, lora: LoraArgs, data: DataArgs, args: TrainArgs, accelerator, quant=None,
+                    shard: bool = False) -> tuple:
     """(model, tokenizer, info, trainable parameters): base weights frozen, LoRA trainable (a new adapter, or the one
     --adapters continues), in train mode. Fills what the model's files know: the identity, the system prompt, and
-    the defaults of --packing_length and --cpu_autocast_bf16 (so args.json says what ran)."""
+    the defaults of --packing_length and --cpu_autocast_bf16 (so args.json says what ran).
+
+    quant (QuantArgs): the base model loaded in 4/8 bits (QLoRA). shard (--fsdp fsdp2): loaded into host memory,
+    then sharded across the processes onto their device (keel/train/distributed.py)."""
     device = accelerator.device
-    model, tok, info = load_model(margs, trainable_adapter=bool(margs.adapters), device=device)
+    model, tok, info = load_model(margs, trainable_adapter=bool(margs.adapters),
+                                  device=torch.device("cpu") if shard else device, quant=quant)
+    quantized = quant is not None and quant.enabled
     if not margs.adapters:
         model = apply_lora(model, lora)
     use_cheap_dropout(model)  # new, resumed or continued adapter alike, so a resumed run draws the same masks
@@ -221,14 +242,19 @@ def trainable_model(margs: ModelArgs, lora: LoraArgs, data: DataArgs, args: Trai
     data.model_author = data.model_author or info.model_author or []
     if data.system is None:
         data.system = info.system
-    if args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda":
+    # on by default where memory is the limit: a GPU, or a quantized base (QLoRA)
+    if args.gradient_checkpointing if args.gradient_checkpointing is not None else device.type == "cuda" or quantized:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
+    if shard:
+        model = shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.packing_length is None:  # on CPU long packed passes get slower per token (docs/performance.md)
         args.packing_length = 256 if device.type == "cpu" else args.per_device_train_batch_size * data.max_length
-    args.cpu_autocast_bf16 = cpu_bf16_training(args.cpu_autocast_bf16, device, warn=accelerator.is_main_process)
+    # a quantized base computes in its own dtype; FSDP2 gathers weights in the dtype they were sharded in
+    args.cpu_autocast_bf16 = False if quantized or shard else cpu_bf16_training(args.cpu_autocast_bf16, device,
+                                                                                 warn=accelerator.is_main_process)
     return model, tok, info, params
 
 
@@ -271,9 +297,14 @@ def run_config(configs: list, info, data: DataArgs, plan: StepPlan, accelerator,
 def restore(run: Run, resume: Path) -> dict:
     """Optimizer, schedule, random state, step and best from a checkpoint; returns the whole saved state."""
     state = load_state(resume)
-    run.optimizer.load_state_dict(state["optimizer"])
+    if is_sharded(run.model):
+        load_optimizer_state(run.model, run.optimizer, state["optimizer"])
+    else:
+        run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks") or []
+    # each process's own random state where the run had as many processes, so its dropout masks continue
+    set_rng_state(ranks[run.accelerator.process_index] if len(ranks) == run.accelerator.num_processes else state["rng"])
     run.step, run.best = state["step"], state["best"]
     return state
 

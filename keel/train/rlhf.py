@@ -4,6 +4,7 @@
     keel rlhf --rlhf_type dpo --dataset identity_pairs.jsonl --rpo_alpha 1.0 --model_name Keel --model_author "Keel Lab"
     keel rlhf --rlhf_type kto --dataset kto.jsonl --desirable_weight 1.0 --undesirable_weight 1.0
     keel rlhf --rlhf_type orpo --dataset pairs.jsonl --beta 0.1
+    keel rlhf --rlhf_type dpo --quant_method bnb --quant_bits 4 ...   # on a 4-bit base (QLoRA, .[qlora])
 
 Every `keel sft` flag that applies works the same (LoRA, learning rate, epochs, accumulation,
 save/eval steps, --resume_from_checkpoint, --eval_identity) and the run folder has the same layout:
@@ -41,6 +42,7 @@ from keel.data.mix import DataArgs
 from keel.data.pairs import KTO, build_pairs
 from keel.model.load import ModelArgs, bf16_frozen_weights, eval_mode
 from keel.model.lora import LoraArgs
+from keel.model.quant import QuantArgs, base_precision, check_quant_training
 from keel.train.args import TrainArgs
 from keel.train.batching import epoch_windows
 from keel.train.loop import (
@@ -71,7 +73,7 @@ from keel.train.preference import (
 )
 
 RESUME_KEYS = ("model", "dataset", "seed", "data_seed", "per_device_train_batch_size", "gradient_accumulation_steps",
-               "lora_rank", "max_length", "rlhf_type", "beta", "loss_type")
+               "lora_rank", "max_length", "rlhf_type", "beta", "loss_type", "quant_method", "quant_bits")
 LOSS_TYPES = {"dpo": ("sigmoid", "hinge", "ipo"), "orpo": ("sigmoid",), "kto": ("kto",)}
 
 
@@ -180,12 +182,16 @@ def evaluate_pairs(model, rows, reference, pref: RlhfArgs, budget, device) -> di
     return summarise(stats, "eval_")
 
 
-def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref: RlhfArgs) -> Run:
+def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref: RlhfArgs,
+          quant: QuantArgs | None = None) -> Run:
     """As keel sft's setup: model with LoRA, rendered pairs, optimizer, run folder; plus the fixed reference."""
+    quant = quant or QuantArgs()
+    check_quant_training(quant, args.cpu_autocast_bf16)
     continued = bool(margs.adapters)  # the reference is the starting adapter, not the base weights
-    accelerator, margs, resume, run_dir, saved = start_run(margs, args, to_dict(data, lora, args, pref), RESUME_KEYS)
+    accelerator, margs, resume, run_dir, saved = start_run(margs, args, to_dict(data, lora, args, pref, quant),
+                                                           RESUME_KEYS)
     main_process, device = accelerator.is_main_process, accelerator.device
-    model, tok, info, params = trainable_model(margs, lora, data, args, accelerator)
+    model, tok, info, params = trainable_model(margs, lora, data, args, accelerator, quant=quant)
     if args.cpu_autocast_bf16:  # before the reference pass: policy and reference alike
         bf16_frozen_weights(model)
 
@@ -198,7 +204,7 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     optimizer, scheduler, plan = optimizer_and_schedule(params, args, len(train_rows), accelerator)
     reference = ("starting adapter" if continued or (resume and saved.get("reference") == "starting adapter")
                  else "base weights (adapter disabled)")
-    config = run_config([margs, data, lora, args, pref], info, data, plan, accelerator, reference=reference)
+    config = run_config([margs, data, lora, args, pref, quant], info, data, plan, accelerator, reference=reference)
     run = Run(accelerator, model, tok, params, optimizer, scheduler, train_rows, val_rows, run_dir,
               config, plan.total, plan.steps_per_epoch, plan.rows_per_step)
 
@@ -215,16 +221,18 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pre
     run.probe = training_probe(args, model, tok, data)
     if main_process:
         open_run_dir(run_dir, resume, run.step, config, manifest)
+        base = base_precision(model)
         print(f"run {run_dir} | {pref.rlhf_type} | {plan.total} steps | {sum(p.numel() for p in params):,} trainable "
-              f"parameters | reference: {reference} | device {device}")
+              f"parameters | reference: {reference} | " + (f"{base} | " if base else "") + f"device {device}")
     return run
 
 
-def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref: RlhfArgs) -> dict:
+def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref: RlhfArgs,
+         quant: QuantArgs | None = None) -> dict:
     """Run `keel rlhf`; returns the run folder and the last and best checkpoints."""
     from tqdm import tqdm
 
-    run = setup(margs, data, lora, args, pref)
+    run = setup(margs, data, lora, args, pref, quant)
     accelerator, model, total = run.accelerator, run.model, run.total
     main_process, device, budget = accelerator.is_main_process, accelerator.device, args.packing_length
     reference, val_reference = run.reference
@@ -269,10 +277,10 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
     return close_run(run.run_dir, total, best, start, start_step, main_process)
 
 
-CONFIGS = (ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs)
+CONFIGS = (ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs, QuantArgs)
 
 
-def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs]:
+def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArgs, RlhfArgs, QuantArgs]:
     return tuple(parse_flags(argv, list(CONFIGS), prog="keel rlhf",
                              description=__doc__.split("\n")[0]).configs)
 

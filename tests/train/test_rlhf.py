@@ -219,6 +219,19 @@ def test_dpo_run_raises_the_margin_and_keeps_sft_layout(tiny_model_dir, pairs_fi
     assert "step 6/6 | loss" in out and "margin" in out
 
 
+def test_dpo_on_a_4bit_base_raises_the_margin(tiny_model_dir, pairs_file, tmp_path, capsys):
+    """QLoRA DPO: the reference log-probs come from a no-grad pass over the 4-bit base, then training moves the
+    adapter on it."""
+    pytest.importorskip("bitsandbytes")
+    res = rlhf(*parse_args(rlhf_argv(tiny_model_dir, pairs_file, tmp_path, "--max_steps", "6", "--save_steps", "6",
+                                     "--beta", "0.2", "--quant_method", "bnb", "--quant_bits", "4")))
+    log = read_log(res["run_dir"])
+    evals = [r["eval_rewards/margins"] for r in log if "eval_rewards/margins" in r]
+    assert log[0]["rewards/margins"] == 0.0 and evals[-1] > 0.5, evals
+    assert json.loads((Path(res["run_dir"]) / "args.json").read_text())["quant_bits"] == 4
+    assert "| 4-bit nf4 base |" in capsys.readouterr().out  # as loaded, not as asked
+
+
 def test_resume_reproduces_the_run(tiny_model_dir, pairs_file, tmp_path):
     full = rlhf(*parse_args(rlhf_argv(tiny_model_dir, pairs_file, tmp_path / "a", "--max_steps", "6",
                                       "--save_steps", "3", "--lora_dropout", "0.1")))
