@@ -14,20 +14,20 @@ from safetensors.torch import load_file
 
 from tests.helpers import assert_resumed_like, base_argv, read_log, run_keel, sft
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # 4 steps, checkpoints at 2 and 4; fp32 in the one-process run too (a sharded run is fp32 on a CPU)
 COMMON = ("--max_steps", "4", "--save_steps", "2", "--eval_steps", "2", "--cpu_autocast_bf16", "false")
 
 
 def torchrun(tmp_path: Path, out: Path, *argv) -> dict:
-    """keel sft ARGV on 2 processes through tests/fsdp_worker.py; returns the run like sft() does, plus each
+    """keel sft ARGV on 2 processes through tests/train/fsdp_worker.py; returns the run like sft() does, plus each
     process's shard record."""
     shards = tmp_path / f"shards-{out.name}"
     shards.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "fsdp_worker.py"), str(shards), "sft", *[str(a) for a in argv]]
+           str(ROOT / "tests" / "train" / "fsdp_worker.py"), str(shards), "sft", *[str(a) for a in argv]]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, "\n".join(line for line in proc.stderr.splitlines() if "rror" in line)[-3000:]
     run = next(d for d in out.glob("v*-*") if (d / "logging.jsonl").is_file())
