@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from keel.core.errors import KeelError
+from keel.core.files import share_files, temp_dir
 
 
 def target_dir(args, ckpt: Path) -> Path:
@@ -61,13 +61,14 @@ def write_merged(merged, tok, folder: Path, template: str):
 
 def write_artifacts(merged, tok, target: Path, args, template: str, modelfile: str | None, name: str) -> Path:
     """The merged folder (--to hf) or the GGUFs and Modelfile (--to gguf) at `target`, whole or not at all."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    tmp = temp_dir(target.parent, f".{target.name}-")
     try:
         if args.to == "hf":
             write_merged(merged, tok, tmp, template)
         else:
             write_ggufs(merged, tok, tmp, args.quant, template, name)
             (tmp / "Modelfile").write_text(modelfile, encoding="utf-8")
+        share_files(tmp)
         publish(tmp, target)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
