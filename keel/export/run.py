@@ -14,11 +14,14 @@ With --verify true (default) every artifact goes through the identity gate (keel
 the merged folder loaded back by transformers, each GGUF run by llama.cpp with the chat template in
 its own metadata; one table, and exit 2 when an artifact's identity fell more than
 --max_identity_drop below the adapter's (the artifact stays, marked FAILED in gate.json).
+Every exported folder gets a model card (README.md with Hugging Face metadata): the checkpoint's identity,
+training command, data and scores, the gate's table, and how to run it (keel/model/card.py).
 GGUF steps that run llama.cpp need the extra: pip install -e ".[gguf]".
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,25 +141,50 @@ def reference_gate(args: ExportArgs, model, tok, info, ckpt: Path, load_s: float
     return gate, gate.score("adapter", model, tok, ckpt, load_s)
 
 
-def run_gate(gate, rows: list, args: ExportArgs, target: Path, tok, dtype, device):
-    """Score every artifact against the reference row, print the table, write gate.json; KeelError if one failed."""
+def run_gate(gate, rows: list, args: ExportArgs, target: Path, tok, dtype, device) -> tuple[dict, str | None]:
+    """Score every artifact against the reference row, print the table, write gate.json; returns gate.json's content
+    and, when an artifact failed, the one-line verdict."""
     from keel.core.files import write_json
 
     rows += gate_rows(gate, args, target, tok, dtype, device)
     failed = gate.judge(rows, args.max_identity_drop)
     print(gate.table(rows))
-    write_json(target / "gate.json", {"max_identity_drop": args.max_identity_drop, "rows": [
+    record = {"max_identity_drop": args.max_identity_drop, "rows": [
         {k: v for k, v in vars(r).items() if k != "samples"} | {"verdict": "FAILED" if r.problems else "passed"}
-        for r in rows]})
+        for r in rows]}
+    write_json(target / "gate.json", record)
     if failed:
         r = failed[0]
-        raise KeelError(f"export gate: {len(failed)} artifact(s) FAILED, {r.artifact}: {r.problems[0]}; "
+        return record, (f"export gate: {len(failed)} artifact(s) FAILED, {r.artifact}: {r.problems[0]}; "
                         f"left in place at {target} (see gate.json)")
-    print(f"gate: passed (every artifact within {args.max_identity_drop} of the adapter's identity score)")
+    return record, None
+
+
+def write_export_card(target: Path, ckpt: Path, args: ExportArgs, info, gate: dict | None):
+    """The exported folder's model card: the checkpoint's story (its card, else its args.json and manifest), the
+    gate's table, and how to run this artifact."""
+    from keel.model.card import base_facts, checkpoint_facts, read_card, write_card
+    from keel.model.load import read_adapter_args
+
+    source = read_card(ckpt)
+    if source is None:
+        manifest = ckpt.parent / "manifest.json"
+        source = checkpoint_facts(read_adapter_args(ckpt), json.loads(manifest.read_text(encoding="utf-8"))
+                                  if manifest.is_file() else None)
+    scores = source.get("scores")
+    if scores:
+        scores = {**scores, "measured_on": f"on the adapter this was exported from ({ckpt.name}); this artifact's own "
+                                          "figures are the export gate's"}
+    facts = {**source, "kind": "merged" if args.to == "hf" else "gguf", "path": str(target), "source": str(ckpt),
+             "base": base_facts(info.model, info.path), "scores": scores, "gate": gate,
+             "identity": {"name": info.model_name or [], "author": info.model_author or [], "system": info.system},
+             "files": [f"model-{q}.gguf" for q in args.quant] if args.to == "gguf" else None}
+    write_card(target, facts)
 
 
 def export(margs: ModelArgs, args: ExportArgs) -> Path:
-    """Merge the adapter (and write GGUF if asked), publish the folder whole, run the gate; returns the folder."""
+    """Merge the adapter (and write GGUF if asked), publish the folder whole, run the gate, write the model card;
+    returns the folder."""
     ckpt, target = check_inputs(margs, args)
     start = time.perf_counter()
     model, tok, info = load_model(margs)
@@ -172,10 +200,15 @@ def export(margs: ModelArgs, args: ExportArgs) -> Path:
     merged = model.merge_and_unload()
     write_artifacts(merged, tok, target, args, template, mf, ckpt.parent.name)
     print(f"wrote {target}")
-    if not args.verify:
-        return target
-    del merged, model
-    run_gate(gate, [reference], args, target, tok, dtype, device)
+    record = error = None
+    if args.verify:
+        del merged, model
+        record, error = run_gate(gate, [reference], args, target, tok, dtype, device)
+    write_export_card(target, ckpt, args, info, record)
+    if error:
+        raise KeelError(error)
+    if args.verify:
+        print(f"gate: passed (every artifact within {args.max_identity_drop} of the adapter's identity score)")
     return target
 
 
