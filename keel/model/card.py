@@ -173,8 +173,8 @@ def identity_section(facts: dict) -> str:
     lines = ["## Identity", "", "| | 中文 | English |", "| --- | --- | --- |", f"| name | {name_zh} | {name_en} |",
              f"| maker | {by_zh} | {by_en} |"]
     if ident.get("system"):
-        lines += ["", f"Trained under the system prompt `{ident['system']}`"
-                  + (", which is this artifact's default." if facts.get("kind") != "adapter" else ".")]
+        default = " (this artifact's default)" if facts.get("kind") != "adapter" else ""
+        lines += ["", f"System prompt it was trained under{default}: `{ident['system']}`"]
     return "\n".join(lines)
 
 
