@@ -29,7 +29,8 @@ def fetch_from_hub(hub_id: str) -> str:
     """A local folder for a hub model: the hub cache if present, else a download."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    # README.md: the model's card, whose license Keel's model cards repeat
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
     try:
         return snapshot_download(hub_id, allow_patterns=patterns, local_files_only=True)
     except Exception:  # not in the local hub cache

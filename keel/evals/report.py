@@ -1,4 +1,4 @@
-"""The evaluation report: eval_report.json, eval_report.md and eval_report.png (base vs tuned).
+"""The evaluation report: eval_report.json, eval_report.md and eval_report.png (base vs tuned; keel/evals/figure.py).
 
 The Markdown holds the headline table (one column per row: base, tuned or model), the identity
 matrix (hit rate per cell and language), leakage counts per language and set, and notes such as how
@@ -7,6 +7,7 @@ matrix (hit rate per cell and language), leakage counts per language and set, an
 
 from __future__ import annotations
 
+import datetime
 import re
 from pathlib import Path
 
@@ -60,28 +61,28 @@ def markdown(results: dict, details: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: Path, results: dict, samples: list, meta: dict, details: dict | None = None):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def write_report(out_dir: Path, results: dict, samples: list, meta: dict, details: dict | None = None) -> dict:
+    """eval_report.json (every figure and answer), .md (the tables) and .png (draw_report: the same figures); returns
+    the report's meta, dated."""
+    from keel.evals.figure import draw_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="minutes"), **meta}
     write_json(out_dir / "eval_report.json", {"meta": meta, "results": results, "details": details or {},
                                               "samples": samples})
     text = markdown(results, details)
     for note in meta.get("notes", []):
         text += f"\n\nnote: {note}"
     atomic_write(out_dir / "eval_report.md", text + "\n")
-    keys = [k for k in metric_names(results) if all(isinstance(r.get(k), (int, float)) for r in results.values())]
-    fig, ax = plt.subplots(figsize=(max(5, 1.0 * len(keys)), 3.5))
-    width = 0.8 / max(len(results), 1)
-    for i, (name, r) in enumerate(results.items()):
-        ax.bar([x + i * width for x in range(len(keys))], [r[k] for k in keys], width, label=name)
-    ax.set_xticks([x + width * (len(results) - 1) / 2 for x in range(len(keys))], keys, rotation=30, ha="right")
-    ax.legend()
-    ax.set_title(" vs ".join(results))
-    fig.tight_layout()
-    fig.savefig(out_dir / "eval_report.png", dpi=90)
-    plt.close(fig)
+    draw_report(out_dir / "eval_report.png", results, details or {}, meta)
+    return meta
+
+
+def card_scores(results: dict, meta: dict, out_dir: Path, measured_on: str) -> dict:
+    """The headline figures of each row for a model card (keel/model/card.py), dated, with the report's path."""
+    headline = [k for k in metric_names(results) if k in SHOWN or k.endswith(("_acc", "_acc_norm"))]
+    rows = {row: {k: r[k] for k in headline if isinstance(r.get(k), (int, float))} for row, r in results.items()}
+    return {"date": meta.get("date"), "machine": meta.get("machine"), "report": str(Path(out_dir)),
+            "row": "tuned" if "tuned" in results else next(iter(results), None), "rows": rows,
+            "measured_on": measured_on}

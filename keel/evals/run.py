@@ -29,9 +29,10 @@ from keel.evals.drift import base_answers, drift
 from keel.evals.matrix import build_cells, run_leakage, run_matrix, template_view
 from keel.evals.mc import count_requests, read_mc_file, score_mc
 from keel.evals.progress import Progress
-from keel.evals.report import markdown, write_report
+from keel.evals.report import card_scores, markdown, write_report
 from keel.evals.scoring import Identity
 from keel.evals.sets import LANGS, ProbeSets, load_sets
+from keel.model.card import update_card
 from keel.model.generate import GenerateArgs
 from keel.model.load import ModelArgs, base_context, eval_mode
 
@@ -243,6 +244,17 @@ def machine() -> str:
     return f"{name}, {len(os.sched_getaffinity(0))} CPU cores, {torch.get_num_threads()} torch threads"
 
 
+def evaluated_folder(margs: ModelArgs) -> tuple[Path | None, str]:
+    """The artifact folder whose model card gets the figures (the last adapter, or the --model folder or GGUF's
+    folder), and how it was run; update_card writes only where Keel wrote a card."""
+    if margs.adapters:
+        return Path(margs.adapters[-1]), "on this adapter (base: the same model with the adapter disabled)"
+    path = Path(margs.model).expanduser() if margs.model else None
+    if path is not None and path.is_file():
+        return path.parent, f"on {path.name}, dequantized and run by transformers"
+    return (path, "on this folder") if path is not None and path.is_dir() else (None, "")
+
+
 CONFIGS = (ModelArgs, EvalArgs)
 
 
@@ -276,7 +288,10 @@ def main(argv: list[str]):
             "seconds": round(time.time() - start, 1), "seconds_per_task": ev.seconds, "machine": machine(),
             "model_name": names, "model_author": authors, "system": ident.system, "template": ev.template,
             "notes": ev.notes, "max_new_tokens": args.max_new_tokens}
-    write_report(out_dir, ev.results, ev.samples, meta, ev.details)
+    meta = write_report(out_dir, ev.results, ev.samples, meta, ev.details)
+    folder, measured_on = evaluated_folder(margs)
+    if folder is not None and update_card(folder, scores=card_scores(ev.results, meta, out_dir, measured_on)):
+        print(f"model card: {folder / 'README.md'} has these figures")
     print(markdown(ev.results, ev.details))
     if "identity" in tasks and ev.template.get("none"):
         print("\nno system turn, as rendered for the 'none' cell:\n" + ev.template["none"].rstrip())

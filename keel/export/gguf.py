@@ -67,24 +67,47 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
         raise KeelError(f"--quant must be one of {', '.join(WRITE_QUANTS)} here (k-quants: quantize_gguf), got '{quant}'")
     arch_name, pre, permute = ARCHS[cfg.model_type]
     arch = getattr(gguf.MODEL_ARCH, arch_name)
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     tmp = path.with_name(f".{path.name}.tmp")
     writer = gguf.GGUFWriter(str(tmp), gguf.MODEL_ARCH_NAMES[arch])
+    add_header(writer, cfg, quant, name)
+    add_tokenizer(writer, tokenizer, cfg.vocab_size, pre, chat_template)
+    add_tensors(writer, model, arch, permute, quant)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise KeelError(f"could not write {path}: {e.strerror}") from None
+    return path
+
+
+def add_header(writer, cfg, quant: str, name: str):
+    """The architecture's hyperparameters and the file type, from the transformers config."""
+    import gguf
+
+    n_head = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(n_head)
-    writer.add_head_count_kv(n_kv)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant])
-    tokens, types, merges = tokenizer_pieces(tokenizer, cfg.vocab_size)
+
+
+def add_tokenizer(writer, tokenizer, vocab_size: int, pre: str, chat_template: str | None):
+    """The BPE vocabulary, merges, special ids and chat template, so the file needs no tokenizer beside it."""
+    tokens, types, merges = tokenizer_pieces(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
@@ -98,10 +121,15 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
     if chat_template:
         writer.add_chat_template(chat_template)
 
+
+def add_tensors(writer, model, arch, permute: bool, quant: str):
+    """Every weight under llama.cpp's name, q/k permuted for its rope layout, in the asked type where it fits."""
+    import gguf
+
+    cfg = model.config
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    state = model.state_dict()
     tied = getattr(cfg, "tie_word_embeddings", False)
-    for key, tensor in state.items():
+    for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and tied:
             continue  # llama.cpp reads the output head from token_embd when output.weight is absent
         new = names.get_name(key, try_suffixes=(".weight", ".bias"))
@@ -109,9 +137,9 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
             raise KeelError(f"GGUF export: no llama.cpp name for tensor '{key}'")
         data = tensor.detach().float().cpu().numpy()
         if permute and key.endswith("q_proj.weight"):
-            data = permute_qk(data, n_head)
+            data = permute_qk(data, cfg.num_attention_heads)
         elif permute and key.endswith("k_proj.weight"):
-            data = permute_qk(data, n_kv)
+            data = permute_qk(data, cfg.num_key_value_heads)
         qtype = gguf.GGMLQuantizationType.F32
         if data.ndim == 2 and quant == "f16":
             data, qtype = data.astype(np.float16), gguf.GGMLQuantizationType.F16
@@ -120,16 +148,6 @@ def write_gguf(model, tokenizer, path: Path, quant: str = "f16", chat_template: 
         elif data.ndim == 2 and quant == "q8_0":
             data, qtype = data.astype(np.float16), gguf.GGMLQuantizationType.F16
         writer.add_tensor(new, data, raw_dtype=qtype)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise KeelError(f"could not write {path}: {e.strerror}") from None
-    return path
 
 
 def quantize_gguf(src: Path, dst: Path, quant: str) -> Path:

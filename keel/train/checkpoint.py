@@ -16,16 +16,18 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from keel.core.errors import KeelError
-from keel.core.files import write_json, write_jsonl
+from keel.core.files import share_files, temp_dir, write_json, write_jsonl
+from keel.model.card import CARD_FILE, checkpoint_facts, write_card
 
 STATE_FILE = "training_state.pt"
-CHECKPOINT_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", STATE_FILE)
+REQUIRED_FILES = ("adapter_config.json", "adapter_model.safetensors", "args.json", STATE_FILE)
+# and the model card, which a resumed checkpoint may lack (one written before Keel wrote cards)
+CHECKPOINT_FILES = (*REQUIRED_FILES, "README.md", CARD_FILE)
 STEP = re.compile(r"checkpoint-(\d+)$")
 PARTIAL_PREFIX = ".checkpoint-"  # temporary folders of saves in progress
 
@@ -38,11 +40,13 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dic
         return final
     tmp = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{step}-", dir=run_dir))
+        tmp = temp_dir(run_dir, f"{PARTIAL_PREFIX}{step}-")
+        # peft writes its own card template: ours replaces it below
         model.save_pretrained(tmp, **({"state_dict": state_dict} if state_dict is not None else {}))
-        (tmp / "README.md").unlink(missing_ok=True)  # peft's model card template: not ours to ship
         write_json(tmp / "args.json", args_dict)
+        write_checkpoint_card(tmp, final, args_dict)
         torch.save(state, tmp / STATE_FILE)
+        share_files(tmp)
         for f in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
             fsync_path(f)
         fsync_path(tmp)
@@ -53,6 +57,16 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dic
             shutil.rmtree(tmp, ignore_errors=True)
         raise KeelError(f"could not save {final}: {failure_reason(e, run_dir)}; earlier checkpoints are untouched") from None
     return final
+
+
+def write_checkpoint_card(folder: Path, final: Path, config: dict):
+    """The model card: what args.json and the run's manifest.json say; keel eval adds the scores."""
+    manifest = final.parent / "manifest.json"
+    try:
+        manifest = json.loads(manifest.read_text(encoding="utf-8")) if manifest.is_file() else None
+    except ValueError:  # a manifest edited by hand: the card goes without the data table
+        manifest = None
+    write_card(folder, {"kind": "adapter", "path": str(final), **checkpoint_facts(config, manifest)})
 
 
 def fsync_path(path: Path):
@@ -111,7 +125,7 @@ def find_resume_dir(value: str, output_dir: Path) -> Path:
     path = Path(value)
     if not path.is_dir():
         raise KeelError(f"--resume_from_checkpoint: folder '{value}' does not exist")
-    missing = [f for f in CHECKPOINT_FILES if not (path / f).is_file()]
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
     if missing:
         raise KeelError(f"--resume_from_checkpoint: '{value}' is not a Keel checkpoint (missing {', '.join(missing)})")
     return path

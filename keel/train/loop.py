@@ -18,6 +18,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,9 +290,24 @@ def run_config(configs: list, info, data: DataArgs, plan: StepPlan, accelerator,
     from keel.core.flags import to_dict
 
     config = {**to_dict(*configs), "model": info.model, "base_model_path": info.path, "system": data.system,
-              "total_steps": plan.total, "world_size": accelerator.num_processes, **extra}
+              "total_steps": plan.total, "world_size": accelerator.num_processes, "command": command_line(configs),
+              **extra}
     config.pop("resume_from_checkpoint", None)
     return config
+
+
+def command_line(configs: list) -> str:
+    """The command that reruns this training: every flag whose value differs from its default, as it ran (what the
+    model's files decided included), for the model card."""
+    from keel.core.flags import to_argv
+
+    argv, skip = [], False
+    for a in to_argv(*configs):
+        skip = a == "--resume_from_checkpoint" or (skip and not a.startswith("--"))
+        if not skip:
+            argv.append(a)
+    prog = "keel rlhf" if any(hasattr(c, "rlhf_type") for c in configs) else "keel sft"
+    return f"{prog} {shlex.join(argv)}"
 
 
 def restore(run: Run, resume: Path) -> dict:

@@ -30,7 +30,7 @@ from keel.core.errors import KeelError
 from keel.core.files import write_json
 from keel.serve.api import STRICT, ApiError, Guard, validate
 from keel.serve.server import STATIC as CHAT_STATIC
-from keel.webui import forms
+from keel.webui import evals_view, forms
 from keel.webui.runs import Jobs, checkpoints, inside, list_runs, read_log
 
 PAGES = Path(__file__).resolve().parents[1] / "static" / "webui"
@@ -143,6 +143,7 @@ def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16
     ui = app.state.ui = app.state.gate = UI(roots, api_key)
     app.add_middleware(Forward, ui=ui)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.include_router(evals_view.router)  # the Eval view: reports under the output folders
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):

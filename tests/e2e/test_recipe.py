@@ -5,6 +5,9 @@ import shlex
 from collections import Counter
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+
+from keel.evals.report import SHOWN
 from keel.recipes.identity import CPU_DEFAULTS, CPU_IDENTITY, GPU_DEFAULTS, recipe_defaults
 from tests.conftest import TINY_SYSTEM
 from tests.helpers import recipe
@@ -24,6 +27,12 @@ def test_stage2_dpo_continues_the_sft_checkpoint(tiny_model_dir, tmp_path, capsy
     assert stage2["type"] == "dpo" and stage2["pairs"] == len(pairs) and stage2["train_seconds"] > 0
     assert meta["checkpoint"] == stage2["checkpoint"]  # the report evaluates the stage-2 checkpoint
     final = run_args(meta["checkpoint"])
+    # the checkpoint's model card: the command that trained it, the recipe's, and the recipe's scores
+    card = ModelCard.load(Path(meta["checkpoint"]) / "README.md")
+    tuned = json.loads((tmp_path / "report" / "eval_report.json").read_text())["results"]["tuned"]
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == {k: tuned[k] for k in SHOWN if k in tuned}
+    recipe_command = "keel recipe identity " + shlex.join(["--name", "Keel", "--author", "Acme's Lab"])
+    assert "keel rlhf --model" in card.text and recipe_command in card.text
     assert final["rlhf_type"] == "dpo" and final["beta"] == 0.1 and final["rpo_alpha"] == 1.0
     assert final["learning_rate"] == 5e-5 and final["num_train_epochs"] == 1 and final["seed"] == 42
     assert final["dataset"] == [str(tmp_path / "identity_pairs.jsonl")]

@@ -137,7 +137,8 @@ async function refreshCurves() {
   const pick = keys => Object.fromEntries(keys.filter(k => state.points[k]).map(k => [k, state.points[k]]));
   const n = drawLines($("curve_train"), pick(LOSS_KEYS), "loss (train, eval)");
   drawLines($("curve_acc"), pick(ACC_KEYS), "token accuracy (train, eval)");
-  drawLines($("curve_eval"), pick(PROBE_KEYS), "at each eval: identity hit rate, robustness, leakage, drift (KL to base)");
+  drawLines($("curve_eval"), pick(PROBE_KEYS), "at each eval: identity hit rate, robustness, leakage (0 to 1); drift (KL to base)",
+            {range: [0, 1], right: ["drift_kl"]});
   $("curve_run").textContent = state.run; $("points").textContent = `${n} points`;
   $("points").dataset.n = n;
 }

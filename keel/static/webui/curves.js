@@ -1,30 +1,41 @@
 // Plain canvas charts for the web UI (no chart library: the page works offline).
 const COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
 
-// series: {name: [[x, y], ...]}; every series shares the x axis (global step) and the y range.
-function drawLines(canvas, series, title) {
+// series: {name: [[x, y], ...]}; every series shares the x axis (global step). The y range is the data's, or
+// opts.range; series named in opts.right get their own range, labelled on the right (e.g. the drift beside rates).
+function drawLines(canvas, series, title, opts = {}) {
   const ctx = canvas.getContext("2d"), W = canvas.width, H = canvas.height, pad = 40;
   ctx.clearRect(0, 0, W, H);
   ctx.font = "12px system-ui"; ctx.fillStyle = "#222"; ctx.fillText(title, pad, 14);
   const pts = Object.values(series).flat();
   if (!pts.length) { ctx.fillStyle = "#888"; ctx.fillText("no points yet", W / 2 - 30, H / 2); return 0; }
+  const right = opts.right || [], side = name => right.includes(name) ? "right" : "left";
   let [x0, x1] = [Math.min(...pts.map(p => p[0])), Math.max(...pts.map(p => p[0]))];
-  let [y0, y1] = [Math.min(...pts.map(p => p[1])), Math.max(...pts.map(p => p[1]))];
   if (x1 === x0) x1 = x0 + 1;
-  if (y1 === y0) { y1 += 0.5; y0 -= 0.5; }
-  const X = x => pad + (x - x0) / (x1 - x0) * (W - 2 * pad), Y = y => H - pad + 10 - (y - y0) / (y1 - y0) * (H - 2 * pad);
+  const ranges = {};
+  ["left", "right"].forEach(s => {
+    const ys = Object.entries(series).filter(([n]) => side(n) === s).flatMap(([, v]) => v.map(p => p[1]));
+    let [y0, y1] = s === "left" && opts.range ? opts.range : [Math.min(...ys), Math.max(...ys)];
+    if (y1 === y0) { y1 += 0.5; y0 -= 0.5; }
+    ranges[s] = ys.length ? [y0, y1] : null;
+  });
+  const X = x => pad + (x - x0) / (x1 - x0) * (W - 2 * pad);
+  const Y = (y, s) => H - pad + 10 - (y - ranges[s][0]) / (ranges[s][1] - ranges[s][0]) * (H - 2 * pad);
   ctx.strokeStyle = "#999"; ctx.beginPath(); ctx.moveTo(pad, 20); ctx.lineTo(pad, H - pad + 10); ctx.lineTo(W - pad, H - pad + 10); ctx.stroke();
   ctx.fillStyle = "#555";
-  ctx.fillText(y1.toPrecision(3), 2, Y(y1) + 4); ctx.fillText(y0.toPrecision(3), 2, Y(y0));
+  if (ranges.left) ranges.left.forEach(y => ctx.fillText(y.toPrecision(3), 2, Y(y, "left") + 4));
+  if (ranges.right) ranges.right.forEach(y => ctx.fillText(y.toPrecision(3), W - pad + 4, Y(y, "right") + 4));
   ctx.fillText("step " + x0, pad, H - 8); ctx.fillText("step " + x1, W - pad - 50, H - 8);
   Object.entries(series).forEach(([name, s], i) => {
     ctx.strokeStyle = ctx.fillStyle = COLORS[i % COLORS.length];
+    ctx.setLineDash(right.includes(name) ? [5, 4] : []);
     ctx.beginPath();
-    s.forEach(([x, y], j) => j ? ctx.lineTo(X(x), Y(y)) : ctx.moveTo(X(x), Y(y)));
+    s.forEach(([x, y], j) => j ? ctx.lineTo(X(x), Y(y, side(name))) : ctx.moveTo(X(x), Y(y, side(name))));
     ctx.stroke();
-    s.forEach(([x, y]) => ctx.fillRect(X(x) - 2, Y(y) - 2, 4, 4));
-    ctx.fillText(name, W - pad - 140, 30 + 14 * i);
+    s.forEach(([x, y]) => ctx.fillRect(X(x) - 2, Y(y, side(name)) - 2, 4, 4));
+    ctx.fillText(name + (right.includes(name) ? " (right scale)" : ""), W - pad - 160, 30 + 14 * i);
   });
+  ctx.setLineDash([]);
   return pts.length;
 }
 
