@@ -17,7 +17,7 @@ from keel.cli import main
 from tests.helpers import sft
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "images"
+SHOTS = Path(__file__).resolve().parents[2] / "docs" / "images"
 
 
 @pytest.fixture(scope="module")
