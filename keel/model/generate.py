@@ -4,8 +4,9 @@
     for piece in stream_answer(model, tok, messages, GenerateArgs(temperature=0)):
         print(piece, end="")
 
-Greedy when temperature is 0. Batches are left-padded and sorted by prompt length so that
-little compute goes to padding.
+Greedy when temperature is 0 (or below MIN_TEMPERATURE). Batches are left-padded and sorted by prompt length so
+that little compute goes to padding. A streamed answer's prompt runs through the model in chunks, so a stop is
+seen within one chunk even while a long prompt is being read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import torch
 
 from keel.core.errors import KeelError
 from keel.model.template import prompt_ids
+
+# Below this a temperature is greedy: logits divided by ~1e-38 overflow to inf and sampling fails (vLLM's
+# _SAMPLING_EPS is the same 1e-5).
+MIN_TEMPERATURE = 1e-5
+# Prompt tokens per forward pass before a streamed answer: stopping is checked between chunks.
+PREFILL_CHUNK = 128
 
 
 @dataclass
@@ -40,9 +47,9 @@ class GenerateArgs:
 
 
 def sampling_kwargs(tokenizer, gen: GenerateArgs) -> dict:
-    """Keyword arguments for `model.generate` (greedy when temperature == 0)."""
+    """Keyword arguments for `model.generate` (greedy when temperature is 0 or below MIN_TEMPERATURE)."""
     kw = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-    if gen.temperature > 0:
+    if gen.temperature >= MIN_TEMPERATURE:
         kw.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -58,6 +65,29 @@ def _seed(gen: GenerateArgs):
 
 def model_device(model):
     return next(model.parameters()).device
+
+
+def context_length(model, tokenizer) -> int:
+    """The most tokens the model reads at once (prompt and answer together)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
+
+
+def prefill(model, ids, stop: threading.Event):
+    """(cache, stopped): all but the prompt's last token run through the model PREFILL_CHUNK tokens at a time,
+    `stop` checked between chunks (in one pass a long prompt could not be stopped). The cache is None when the
+    prompt fits one chunk or the model is not a torch module (llama.cpp checks between its own batches)."""
+    from transformers import DynamicCache
+
+    if ids.shape[1] <= PREFILL_CHUNK or not isinstance(model, torch.nn.Module):
+        return None, False
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1] - 1, PREFILL_CHUNK):
+            if stop.is_set():
+                return None, True
+            part = ids[:, start:min(start + PREFILL_CHUNK, ids.shape[1] - 1)]  # (1, chunk)
+            model(input_ids=part, cache=cache, use_cache=True)
+    return cache, stop.is_set()
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
@@ -111,10 +141,16 @@ def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
 
     def run():
         try:
+            cache, stopped = prefill(model, ids, stop)
+            if stopped:
+                streamer.end()
+                if outcome is not None:
+                    outcome.update(tokens=0, finish_reason="stop")
+                return
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                      stopping_criteria=StoppingCriteriaList([_Stop()]),
-                                     **sampling_kwargs(tokenizer, gen))
+                                     **({"cache": cache} if cache is not None else {}), **sampling_kwargs(tokenizer, gen))
             if outcome is not None:
                 n = out.shape[1] - ids.shape[1]
                 ends = model.generation_config.eos_token_id

@@ -24,17 +24,15 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from keel.serve.api import ApiError, FeedbackRequest, Guard, parse_chat, validate
+from keel.model.generate import context_length
+from keel.serve.api import ApiError, FeedbackRequest, Guard, json_body, parse_chat, validate
 from keel.serve.queue import Gone, ModelQueue
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
 log = logging.getLogger("keel.serve")
-
-
-def context_length(model, tokenizer) -> int:
-    return int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -55,8 +53,11 @@ class Server(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def make_server(app: FastAPI, host: str, port: int) -> Server:
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10))
+def make_server(app: FastAPI, host: str, port: int, max_connections: int = 128) -> Server:
+    """uvicorn with its limits set: at most about `max_connections` open at once (503 beyond), an idle kept-alive
+    connection closed after 5 s, request heads over 16 KiB refused (h11's default)."""
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10,
+                                 limit_concurrency=max_connections, timeout_keep_alive=5))
 
 
 async def wait_until_gone(request: Request, left: asyncio.Event):
@@ -79,9 +80,10 @@ class Served:
 
 
 def create_app(model, tokenizer, info, api_key: str | None = None, store=None, model_id: str = "keel",
-               max_body: int = 1 << 20, max_queue: int = 64, request_timeout: float = 300.0) -> FastAPI:
+               max_body: int = 1 << 20, max_queue: int = 64, request_timeout: float = 300.0,
+               read_timeout: float = 10.0) -> FastAPI:
     app = FastAPI(title="Keel")
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, read_timeout=read_timeout)
     app.state.queue = ModelQueue(max_queue, request_timeout)
     app.state.served = Served(model, tokenizer, info, model_id, store, context_length(model, tokenizer))
     add_error_handlers(app)
@@ -95,6 +97,16 @@ def add_error_handlers(app: FastAPI):
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message, code = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})", "method_not_allowed"
+        else:
+            message, code = f"Invalid URL ({request.method} {request.url.path})", "unknown_url"
+        return ApiError(exc.status_code, message, code=code, headers=exc.headers,
+                        kind="not_found_error" if exc.status_code == 404 else "invalid_request_error").response()
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect):
@@ -181,8 +193,8 @@ class Reply:
 async def completions(request: Request):
     queue, served = request.app.state.queue, request.app.state.served
     queue.admit()  # refuse before reading a body when the queue is already full
-    chat = await asyncio.to_thread(parse_chat, await request.body(), served.tokenizer, served.context,
-                                   served.info.system)
+    chat = await asyncio.to_thread(parse_chat, await json_body(request), served.tokenizer, served.context,
+                                   served.info.system, served.model_id)
     queue.admit()
     reply = Reply(chat, served.model_id)
     if chat.stream:
@@ -240,7 +252,7 @@ async def stream_events(queue: ModelQueue, served: Served, reply: Reply):
 @routes.post("/v1/feedback")
 async def feedback(request: Request):
     served = request.app.state.served
-    req = validate(FeedbackRequest, await request.body())
+    req = validate(FeedbackRequest, await json_body(request))
     if served.store is None:
         raise ApiError(400, "this server records no feedback (no --feedback_db)")
     try:
