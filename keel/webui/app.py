@@ -1,7 +1,7 @@
 """The FastAPI app behind `keel web-ui`: the page, /api/ for identity, runs, eval, export and feedback,
 and keel deploy's own chat server (/v1/, plus /base/v1/ for the base model in the compare view).
 
-    app = create_app(roots=[Path("output")], api_key=None)
+    app = create_app(roots=[Path("output")], api_key=None, data_dirs=[])
     uvicorn.run(app, host="127.0.0.1", port=7860)
 
 One router per tab (identity_view.py, train_view.py, compare_view.py, chat_view.py, export_view.py), each built
@@ -9,8 +9,8 @@ from the shared state (state.py `UI`); errors.py holds the error handlers they s
 runs as a child process (`python -m keel sft|eval|export|feedback`, see runs.py), so the UI outlives it. Only
 the chat and compare models live in this process: loading a checkpoint builds keel deploy's app for it
 (keel/serve/server.py `create_app`: the same validation, queue, streaming and 👍/👎 store as `keel deploy`) and
-requests to /v1/ go to it. Paths in requests must lie inside the output folders (403 otherwise). Errors are one
-line in OpenAI's error form, never a 500.
+requests to /v1/ go to it. Paths in requests must lie inside the output folders (403 otherwise; general data
+may also come from the --allow_data_dir folders). Errors are one line in OpenAI's error form, never a 500.
 """
 
 from __future__ import annotations
@@ -31,10 +31,11 @@ PAGES = Path(__file__).resolve().parents[1] / "static" / "webui"
 VIEWS = (identity_view.router, train_view.router, compare_view.router, chat_view.router, export_view.router)
 
 
-def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 16 << 20) -> FastAPI:
+def create_app(roots: list[Path], api_key: str | None = None, max_body: int = 4 << 20,
+               data_dirs: list[Path] = ()) -> FastAPI:
     app = FastAPI(title="Keel web UI")
     # keel deploy's Server closes app.state.queue on shutdown: the UI stops its chat apps' generations.
-    ui = app.state.ui = app.state.queue = UI(roots, api_key)
+    ui = app.state.ui = app.state.queue = UI(roots, api_key, data_dirs)
     app.add_middleware(Forward, ui=ui)
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
     add_error_handlers(app)

@@ -38,7 +38,7 @@ def router(ui: UI) -> APIRouter:
     async def load(request: Request):
         form = await body_of(request, CheckpointForm)
         ckpt = ui.checkpoint(form.checkpoint)
-        async with ui.lock:
+        async with ui.chat_lock:
             await asyncio.to_thread(load_chat, ui, ckpt, form.base)
         return {"loaded": {k: str(v) for k, v in ui.loaded.items()}}
 

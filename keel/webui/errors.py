@@ -40,4 +40,5 @@ def add_error_handlers(app: FastAPI):
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception):
         log.exception("keel web-ui: internal error on %s", request.url.path)
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}", kind="server_error").response()
+        # The exception's text can hold the server's paths: it goes to the log, the client gets its type.
+        return ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").response()

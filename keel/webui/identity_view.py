@@ -7,6 +7,7 @@ findings on them (edited or not).
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 from fastapi import APIRouter, Request
 
@@ -24,13 +25,20 @@ async def identity_rows(form):
 
 
 async def check_rows(ui: UI, rows, names, authors, form, model, max_length=2048) -> list[dict]:
-    """Run keel data check on the rows, written whole to a scratch file in the first output folder."""
-    scratch = ui.roots[0] / ".webui" / "check.json"
-    scratch.parent.mkdir(parents=True, exist_ok=True)
-    async with ui.lock:
-        write_json(scratch, rows, indent=None)
+    """Run keel data check on the rows, written whole to a scratch file of this request's own in the first output
+    folder (no lock: a slow check holds up no other request)."""
+    scratch = ui.roots[0] / ".webui" / f"check-{uuid.uuid4().hex}.json"
+    try:
+        await asyncio.to_thread(write_scratch, scratch, rows)
         _, tok = await asyncio.to_thread(ui.tokenizer, model)
         return await asyncio.to_thread(forms.findings, scratch, names, authors, form.system, tok, max_length)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def write_scratch(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, rows, indent=None)
 
 
 def router(ui: UI) -> APIRouter:

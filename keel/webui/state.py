@@ -1,6 +1,6 @@
 """What the web UI's routers share: the output folders, the jobs, the chat apps of the loaded checkpoint.
 
-    ui = UI(roots=[Path("output")], api_key=None)
+    ui = UI(roots=[Path("output")], api_key=None, data_dirs=[Path("data")])
     app.add_middleware(Forward, ui=ui)              # the API key on /api/; /v1/ and /base/v1/ to the chat apps
     form = await body_of(request, forms.RunForm)    # a strictly validated request body, or a 400
 """
@@ -15,7 +15,7 @@ from fastapi import Request
 from pydantic import BaseModel
 
 from keel.core.errors import KeelError
-from keel.serve.api import ApiError, validate
+from keel.serve.api import ApiError, json_body, validate
 from keel.webui.runs import Jobs, inside
 
 
@@ -48,18 +48,22 @@ class Forward:
 
 
 class UI:
-    """What the endpoints share: the output folders, the jobs, the chat apps and their checkpoint."""
+    """What the endpoints share: the output folders (and the folders general data may come from besides them),
+    the jobs, the chat apps and their checkpoint. `lock` is held only for a moment (a folder checked free and its
+    job started); loading chat models has its own lock."""
 
-    def __init__(self, roots: list[Path], api_key: str | None):
+    def __init__(self, roots: list[Path], api_key: str | None, data_dirs: list[Path] = ()):
         self.roots = [r.resolve() for r in roots]
         for r in self.roots:
             r.mkdir(parents=True, exist_ok=True)
+        self.data_dirs = [d.resolve() for d in data_dirs]
         self.api_key = api_key
         self.jobs = Jobs(self.roots)
         self.chat: dict = {}
         self.loaded: dict = {}
         self.tokenizers: dict = {}
         self.lock = asyncio.Lock()
+        self.chat_lock = asyncio.Lock()
 
     def close(self):
         """Shutting down (keel deploy's Server calls app.state.queue.close()): stop the chat generations."""
@@ -89,4 +93,4 @@ class UI:
 
 
 async def body_of(request: Request, model: type[BaseModel]):
-    return validate(model, await request.body())
+    return validate(model, await json_body(request))

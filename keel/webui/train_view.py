@@ -26,7 +26,7 @@ async def run_plan(ui: UI, form: forms.RunForm):
     names, authors = forms.identity_of(form)
     model = forms.check_model(form.model)
     folder = forms.run_folder(form.folder, ui.roots[0])
-    general = await asyncio.to_thread(forms.check_general, form.general)
+    general = await asyncio.to_thread(forms.check_general, form.general, ui.roots + ui.data_dirs)
     rows = forms.row_dicts(form.rows) if form.rows else (await identity_rows(form))[3]
     # One data file per run: an earlier run in the folder keeps the file its args.json names.
     data = folder / f"self_cognition-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -55,13 +55,16 @@ def router(ui: UI) -> APIRouter:
         async with ui.lock:  # two requests for one folder: the second sees the first's job
             try:
                 ui.jobs.check_free(folder)  # before a byte is written there
+            except KeelError as e:
+                raise ApiError(409, str(e), "folder", "folder_busy") from None
+            try:
                 folder.mkdir(parents=True, exist_ok=True)
                 write_json(data, rows, indent=1)
                 return ui.jobs.start("train", argv, folder, {"name": names, "author": authors})
-            except KeelError as e:
-                raise ApiError(409, str(e), "folder", "folder_busy") from None
-            except OSError as e:
-                raise ApiError(400, f"folder: cannot write {folder} ({e.strerror})", "folder") from None
+            except (KeelError, OSError) as e:
+                data.unlink(missing_ok=True)  # no run started: nothing of it stays behind
+                reason = e.strerror if isinstance(e, OSError) else str(e)
+                raise ApiError(400, f"folder: cannot start a run in {folder} ({reason})", "folder") from None
 
     @r.get("/api/runs")
     async def runs():
