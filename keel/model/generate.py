@@ -91,14 +91,16 @@ def prefill(model, ids, stop: threading.Event):
 
 
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
-                   batch_size: int = 8, progress=None) -> list[str]:
-    """Answer many conversations; returns the answers in input order."""
+                   batch_size: int = 8, progress=None, max_prompt_tokens: int | None = None) -> list[str]:
+    """Answer many conversations; returns the answers in input order. Prompts longer than `max_prompt_tokens`
+    keep their last tokens."""
     import torch
 
 
     gen = gen or GenerateArgs()
     _seed(gen)
-    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    prompts = [prompt_ids(tokenizer, c)[-max_prompt_tokens:] if max_prompt_tokens else prompt_ids(tokenizer, c)
+               for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = model_device(model)
@@ -118,8 +120,9 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
 
 
 def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
-                  stop: threading.Event | None = None, outcome: dict | None = None):
-    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early.
+                  stop: threading.Event | None = None, outcome: dict | None = None, max_prompt_tokens: int | None = None):
+    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early, even while the prompt is
+    being read. A prompt longer than `max_prompt_tokens` keeps its last tokens.
 
     If `outcome` is a dict it receives, once the answer is complete, `tokens` (the number generated,
     an end-of-turn token included) and `finish_reason`: "length" when max_new_tokens cut the answer,
@@ -135,7 +138,8 @@ def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
             return stop.is_set()
 
     _seed(gen)
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=model_device(model))
+    ids = prompt_ids(tokenizer, messages)
+    ids = torch.tensor([ids[-max_prompt_tokens:] if max_prompt_tokens else ids], device=model_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
