@@ -105,11 +105,11 @@ def free_port() -> int:
 
 
 class LiveServer:
-    def __init__(self, app):
+    def __init__(self, app, **limits):
         from keel.serve.server import make_server
 
         self.port = free_port()
-        self.server = make_server(app, "127.0.0.1", self.port)
+        self.server = make_server(app, "127.0.0.1", self.port, **limits)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(100):

@@ -4,8 +4,9 @@
     for piece in stream_answer(model, tok, messages, GenerateArgs(temperature=0)):
         print(piece, end="")
 
-Greedy when temperature is 0. Batches are left-padded and sorted by prompt length so that
-little compute goes to padding.
+Greedy when temperature is 0 (or below MIN_TEMPERATURE). Batches are left-padded and sorted by prompt length so
+that little compute goes to padding. A streamed answer's prompt runs through the model in chunks, so a stop is
+seen within one chunk even while a long prompt is being read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ import torch
 
 from keel.core.errors import KeelError
 from keel.model.template import prompt_ids
+
+# Below this a temperature is greedy: logits divided by ~1e-38 overflow to inf and sampling fails (vLLM's
+# _SAMPLING_EPS is the same 1e-5).
+MIN_TEMPERATURE = 1e-5
+# Prompt tokens per forward pass before a streamed answer: stopping is checked between chunks.
+PREFILL_CHUNK = 128
 
 
 @dataclass
@@ -40,9 +47,9 @@ class GenerateArgs:
 
 
 def sampling_kwargs(tokenizer, gen: GenerateArgs) -> dict:
-    """Keyword arguments for `model.generate` (greedy when temperature == 0)."""
+    """Keyword arguments for `model.generate` (greedy when temperature is 0 or below MIN_TEMPERATURE)."""
     kw = {"max_new_tokens": gen.max_new_tokens, "pad_token_id": tokenizer.pad_token_id}
-    if gen.temperature > 0:
+    if gen.temperature >= MIN_TEMPERATURE:
         kw.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -69,12 +76,37 @@ def no_grad_context(model):
     return torch.no_grad() if getattr(inner, "_is_fsdp_managed_module", False) else torch.inference_mode()
 
 
+def context_length(model, tokenizer) -> int:
+    """The most tokens the model reads at once (prompt and answer together)."""
+    return int(getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length)
+
+
+def prefill(model, ids, stop: threading.Event):
+    """(cache, stopped): all but the prompt's last token run through the model PREFILL_CHUNK tokens at a time,
+    `stop` checked between chunks (in one pass a long prompt could not be stopped). The cache is None when the
+    prompt fits one chunk or the model is not a torch module (llama.cpp checks between its own batches)."""
+    from transformers import DynamicCache
+
+    if ids.shape[1] <= PREFILL_CHUNK or not isinstance(model, torch.nn.Module):
+        return None, False
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        for start in range(0, ids.shape[1] - 1, PREFILL_CHUNK):
+            if stop.is_set():
+                return None, True
+            part = ids[:, start:min(start + PREFILL_CHUNK, ids.shape[1] - 1)]  # (1, chunk)
+            model(input_ids=part, cache=cache, use_cache=True)
+    return cache, stop.is_set()
+
+
 def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: GenerateArgs | None = None,
-                   batch_size: int = 8, progress=None) -> list[str]:
-    """Answer many conversations; returns the answers in input order."""
+                   batch_size: int = 8, progress=None, max_prompt_tokens: int | None = None) -> list[str]:
+    """Answer many conversations; returns the answers in input order. Prompts longer than `max_prompt_tokens`
+    keep their last tokens."""
     gen = gen or GenerateArgs()
     _seed(gen)
-    prompts = [prompt_ids(tokenizer, c) for c in conversations]
+    prompts = [prompt_ids(tokenizer, c)[-max_prompt_tokens:] if max_prompt_tokens else prompt_ids(tokenizer, c)
+               for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
     device = model_device(model)
@@ -94,8 +126,9 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], gen: Gener
 
 
 def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
-                  stop: threading.Event | None = None, outcome: dict | None = None):
-    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early.
+                  stop: threading.Event | None = None, outcome: dict | None = None, max_prompt_tokens: int | None = None):
+    """Yield the answer as text pieces while it is generated. Setting `stop` ends it early, even while the prompt is
+    being read. A prompt longer than `max_prompt_tokens` keeps its last tokens.
 
     If `outcome` is a dict it receives, once the answer is complete, `tokens` (the number generated,
     an end-of-turn token included) and `finish_reason`: "length" when max_new_tokens cut the answer,
@@ -111,16 +144,23 @@ def stream_answer(model, tokenizer, messages: list[dict], gen: GenerateArgs,
             return stop.is_set()
 
     _seed(gen)
-    ids = torch.tensor([prompt_ids(tokenizer, messages)], device=model_device(model))
+    ids = prompt_ids(tokenizer, messages)
+    ids = torch.tensor([ids[-max_prompt_tokens:] if max_prompt_tokens else ids], device=model_device(model))
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 
     def run():
         try:
+            cache, stopped = prefill(model, ids, stop)
+            if stopped:
+                streamer.end()
+                if outcome is not None:
+                    outcome.update(tokens=0, finish_reason="stop")
+                return
             with torch.inference_mode():
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                                      stopping_criteria=StoppingCriteriaList([_Stop()]),
-                                     **sampling_kwargs(tokenizer, gen))
+                                     **({"cache": cache} if cache is not None else {}), **sampling_kwargs(tokenizer, gen))
             if outcome is not None:
                 n = out.shape[1] - ids.shape[1]
                 ends = model.generation_config.eos_token_id

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.core.errors import KeelError
+from keel.model.generate import PREFILL_CHUNK
 
 PIP_HINT = 'pip install -e ".[gguf]"  (llama-cpp-python; it builds llama.cpp from source, a few minutes)'
 FALLBACK_TEMPLATE = "chatml"  # what llama.cpp's server uses for a GGUF without a chat template
@@ -43,16 +44,16 @@ def _read_header(path: Path) -> dict:
 
     try:
         reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as e:
-        raise KeelError(f"{path}: not a readable GGUF file ({e})") from None
-    out = {}
-    arch = reader.fields.get("general.architecture")
-    arch = arch.contents() if arch is not None else "?"
-    for key, name in (("general.architecture", "arch"), ("tokenizer.chat_template", "chat_template"),
-                      (f"{arch}.context_length", "context_length")):
-        field = reader.fields.get(key)
-        if field is not None:
-            out[name] = field.contents()
+        out = {}
+        arch = reader.fields.get("general.architecture")
+        arch = arch.contents() if arch is not None else "?"
+        for key, name in (("general.architecture", "arch"), ("tokenizer.chat_template", "chat_template"),
+                          (f"{arch}.context_length", "context_length")):
+            field = reader.fields.get(key)
+            if field is not None:
+                out[name] = field.contents()
+    except Exception as e:  # gguf raises assorted errors (IndexError, ValueError, ...) on a damaged file
+        raise KeelError(f"{path}: not a readable GGUF file ({type(e).__name__}: {str(e)[:160]})") from None
     return out
 
 
@@ -182,6 +183,9 @@ class LlamaCppModel:
                     max_new_tokens = max(1, self.llm.n_ctx() - len(prompt))
                 if streamer is not None:
                     streamer.put(torch.tensor([row]))  # the prompt: a skip_prompt streamer drops it
+                if stopping_criteria is not None and not self._prefill(prompt[:-1], stopping_criteria):
+                    outs.append(row)  # stopped while reading the prompt
+                    continue
                 new = []
                 for token in self.llm.generate(prompt, temp=temp, top_k=0, top_p=float(top_p or 1.0), min_p=0.0,
                                                repeat_penalty=1.0):
@@ -198,6 +202,19 @@ class LlamaCppModel:
         width = max(len(o) for o in outs)
         pad = pad_token_id if pad_token_id is not None else self.tok.pad_token_id
         return torch.tensor([o + [pad] * (width - len(o)) for o in outs])  # (B, T + new)
+
+
+    def _prefill(self, tokens: list[int], stopping_criteria) -> bool:
+        """Evaluate a long prompt (but its last token) in chunks, checking the stopping criteria between them;
+        llama.cpp's generate then finds these tokens cached and reads only the last. False when stopped."""
+        if len(tokens) < PREFILL_CHUNK:
+            return True
+        self.llm.reset()
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            if any(c(None, None) for c in stopping_criteria):
+                return False
+            self.llm.eval(tokens[start:start + PREFILL_CHUNK])
+        return True
 
 
 @dataclass

@@ -1,17 +1,19 @@
 """The OpenAI request shapes behind `keel deploy`: strict validation, OpenAI-form errors, HTTP guards.
 
-    chat = parse_chat(body, tokenizer, context, system)     # a Chat, or raises ApiError (a 4xx)
-    app.add_middleware(Guard, api_key="sekret", max_body=1 << 20)
+    chat = parse_chat(await json_body(request), tokenizer, context, system, model_id)   # a Chat, or ApiError (4xx)
+    app.add_middleware(Guard, api_key="sekret", max_body=1 << 20, read_timeout=10)
 
 Types are as strict as the OpenAI API's: "0.5" is not a number, 2.9 and 2.0 are not integers, NaN
 and Infinity are not numbers, unknown parameters are refused, and a parameter this server cannot
-honour (n > 1, penalties, logprobs) is refused rather than ignored. Bodies are parsed by pydantic's
-JSON parser, which bounds nesting depth and refuses lone surrogates (`\\ud800`). `parse_chat`
+honour (n > 1, penalties, logprobs) is refused rather than ignored, and so is a model this server does not
+serve (404, as OpenAI answers). Bodies are parsed by pydantic's JSON parser, which bounds nesting depth and
+refuses lone surrogates (`\\ud800`), and only when sent as application/json (415 otherwise). `parse_chat`
 tokenizes, so the server runs it in a worker thread, off the event loop.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from dataclasses import dataclass
 from typing import Literal
@@ -104,6 +106,17 @@ def param_name(loc: tuple) -> str | None:
     return out or None
 
 
+async def json_body(request) -> bytes:
+    """The request's body, if it was sent as JSON: a page on another site can post text/plain or a form to
+    127.0.0.1 without the browser asking first, but not application/json (415 otherwise)."""
+    body = await request.body()  # read first: a body over the limit is a 413 whatever its type
+    sent = request.headers.get("content-type", "")
+    if sent.split(";")[0].strip().lower() != "application/json":
+        raise ApiError(415, f"send the body as JSON (Content-Type: application/json), not '{sent or 'no Content-Type'}'",
+                       code="unsupported_media_type")
+    return body
+
+
 def validate(model: type[BaseModel], body: bytes):
     """The parsed request, or ApiError(400) naming the first bad parameter as OpenAI does."""
     try:
@@ -139,9 +152,12 @@ def unsupported(param: str, what: str):
     raise ApiError(400, f"'{param}': {what} is not supported by this server", param, "unsupported_value")
 
 
-def parse_chat(body: bytes, tokenizer, context: int, system: str | None) -> Chat:
+def parse_chat(body: bytes, tokenizer, context: int, system: str | None, model_id: str | None = None) -> Chat:
     """Validate a /v1/chat/completions body and tokenize its prompt (blocking: run it in a thread)."""
     req = validate(ChatRequest, body)
+    if req.model is not None and model_id is not None and req.model != model_id:
+        raise ApiError(404, f"The model '{req.model}' does not exist on this server, which serves '{model_id}' "
+                       "(GET /v1/models)", "model", "model_not_found")
     if req.n not in (None, 1):
         unsupported("n", "more than one choice per request (n > 1)")
     for name in ("frequency_penalty", "presence_penalty"):
@@ -180,15 +196,22 @@ class TooLarge(Exception):
     pass
 
 
+class SlowBody(Exception):
+    pass
+
+
 class Guard:
-    """Pure ASGI middleware: the API key on /v1/ (compared in constant time) and the body size limit (413).
+    """Pure ASGI middleware: the API key on /v1/ (compared in constant time), the body size limit (413) and the
+    time a body may take to arrive (408).
 
     A body announced too large by Content-Length is refused before a byte of it is read; a chunked
     body is counted as it arrives and refused as soon as it passes the limit, so it is never held whole.
+    A client that sends its body slower than `read_timeout` seconds allow is answered 408 and its connection
+    closed, so slow senders cannot hold the server's connections.
     """
 
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.max_body = app, max_body
+    def __init__(self, app, api_key: str | None, max_body: int, read_timeout: float = 10.0):
+        self.app, self.max_body, self.read_timeout = app, max_body, read_timeout
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
@@ -204,16 +227,7 @@ class Guard:
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
             return await too_large.response()(scope, receive, send)
-        seen, started = 0, False
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise TooLarge
-            return message
+        started = False
 
         async def watched_send(message):
             nonlocal started
@@ -221,7 +235,36 @@ class Guard:
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, watched_send)
+            await self.app(scope, self.bounded(receive), watched_send)
         except TooLarge:
             if not started:
                 await too_large.response()(scope, receive, send)
+        except SlowBody:
+            if not started:
+                slow = ApiError(408, f"the request body did not arrive within this server's limit of "
+                                f"{self.read_timeout:g} s (keel deploy --read_timeout)", code="request_timeout",
+                                headers={"Connection": "close"})
+                await slow.response()(scope, receive, send)
+
+    def bounded(self, receive):
+        """`receive` that counts the body (TooLarge past max_body) and times it (SlowBody past read_timeout);
+        once the body is in, what follows (a disconnect, awaited while answering) is not timed."""
+        loop = asyncio.get_running_loop()
+        deadline, seen, done = loop.time() + self.read_timeout, 0, False
+
+        async def receive_bounded():
+            nonlocal seen, done
+            if done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise SlowBody from None
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise TooLarge
+            done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        return receive_bounded

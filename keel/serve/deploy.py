@@ -3,7 +3,8 @@
     keel deploy --adapters output/v0-.../checkpoint-102            # http://127.0.0.1:8000/
     keel deploy --model checkpoint-102-gguf/model-q4_k_m.gguf      # the exported GGUF, run by llama.cpp (.[gguf])
     KEEL_API_KEY=SECRET keel deploy --host 0.0.0.0 --feedback_db feedback.sqlite   # a --api_key shows in `ps`
-    curl http://127.0.0.1:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Who are you?"}]}'
+    curl http://127.0.0.1:8000/v1/chat/completions -H "Content-Type: application/json" \
+        -d '{"messages": [{"role": "user", "content": "Who are you?"}]}'
 
 Endpoints: POST /v1/chat/completions (stream or not), GET /v1/models, GET /health,
 POST /v1/feedback {id, rating: up|down, correction?}, and the chat page at /.
@@ -39,7 +40,11 @@ class DeployArgs:
     max_queue: int = 64
     """Requests that may wait while one generates; more get 429 with Retry-After."""
     request_timeout: float = 300.0
-    """Seconds a request may take, waiting included: a wait past it gets 503, a generation past it is cut (finish_reason length)."""
+    """Seconds a request may take, waiting included: a wait past it gets 503, a generation past it is cut (finish_reason length), and so is the reading of a long prompt."""
+    read_timeout: float = 10.0
+    """Seconds a request's body may take to arrive; a slower one gets 408 and its connection is closed."""
+    max_connections: int = 128
+    """Connections open at once (uvicorn's limit_concurrency); a request beyond it gets 503."""
 
     def __post_init__(self):
         self.api_key = self.api_key or os.environ.get("KEEL_API_KEY") or None
@@ -49,8 +54,12 @@ class DeployArgs:
             raise KeelError(f"--max_body_kb must be >= 1, got {self.max_body_kb}")
         if self.max_queue < 0:
             raise KeelError(f"--max_queue must be >= 0, got {self.max_queue}")
-        if not self.request_timeout > 0:
-            raise KeelError(f"--request_timeout must be > 0 seconds, got {self.request_timeout}")
+        for flag in ("request_timeout", "read_timeout"):
+            value = getattr(self, flag)
+            if not 0 < value < float("inf"):
+                raise KeelError(f"--{flag} must be a number of seconds > 0, got {value}")
+        if self.max_connections < 2:
+            raise KeelError(f"--max_connections must be >= 2, got {self.max_connections}")
         if not is_loopback(self.host) and not self.api_key:
             raise KeelError(f"--host {self.host} is reachable from other machines: set --api_key (or KEEL_API_KEY) first")
 
@@ -82,9 +91,9 @@ def deploy(margs: ModelArgs, args: DeployArgs):
         model, tok, info = load_model(margs)
     name = args.served_model_name or (Path(margs.adapters[-1]).name if margs.adapters else info.name)
     app = create_app(model, tok, info, api_key=args.api_key, store=store, model_id=name, max_body=args.max_body_kb * 1024,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout)
+                     max_queue=args.max_queue, request_timeout=args.request_timeout, read_timeout=args.read_timeout)
     print(f"keel deploy: http://{args.host}:{args.port}/  (model {name}, feedback {db})", flush=True)
-    make_server(app, args.host, args.port).run()
+    make_server(app, args.host, args.port, args.max_connections).run()
 
 
 CONFIGS = (ModelArgs, DeployArgs)

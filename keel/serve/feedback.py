@@ -59,9 +59,9 @@ class FeedbackStore:
                 os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
             self.db = sqlite3.connect(self.path, check_same_thread=False)
             if existed:
-                ok = self.db.execute("PRAGMA quick_check").fetchone()[0]
-                if ok != "ok":
-                    raise sqlite3.DatabaseError(ok)
+                report = [row[0] for row in self.db.execute("PRAGMA quick_check")]
+                if report != ["ok"]:
+                    raise sqlite3.DatabaseError(damage_summary(report))
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
             # A real write now: a read-only mount or a full disk stops the server here, not after an answer.
@@ -121,11 +121,23 @@ class FeedbackStore:
             query += " WHERE f.created >= ?"
             params = (since,)
         keys = ("id", "rating", "correction", "created", "model", "system", "messages", "answer")
-        with self.lock:
-            rows = [dict(zip(keys, r)) for r in self.db.execute(query + " ORDER BY f.id", params)]
-        for r in rows:
-            r["messages"] = json.loads(r["messages"])
+        try:
+            with self.lock:
+                rows = [dict(zip(keys, r)) for r in self.db.execute(query + " ORDER BY f.id", params)]
+            for r in rows:
+                r["messages"] = json.loads(r["messages"])
+        except (sqlite3.Error, ValueError, TypeError) as e:  # a damaged file: pages, text or JSON
+            raise KeelError(f"--db {self.path}: the feedback database is damaged and cannot be read whole "
+                            f"({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
         return rows
+
+
+def damage_summary(report: list[str]) -> str:
+    """SQLite's integrity report (many lines, thousands of characters on a badly damaged file) as one short line:
+    its first problem and how many there are."""
+    problems = [line for row in report for line in row.splitlines() if line.strip() and not line.startswith("***")]
+    more = f" and {len(problems) - 1} more problem(s)" if len(problems) > 1 else ""
+    return f"{problems[0][:160] if problems else 'damaged'}{more}"
 
 
 def training_rows(ratings: list[dict], only: str | None, include_good: bool) -> tuple[list[dict], list[dict]]:

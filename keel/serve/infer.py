@@ -7,7 +7,9 @@
 
 In the chat: /clear resets the conversation, /exit or Ctrl-D leaves, Ctrl-C stops the answer
 being written (not the program). The system prompt defaults to the one the adapter was
-trained with, else the chat template's own default.
+trained with, else the chat template's own default. A prompt that leaves no room for
+--max_new_tokens in the model's context is refused with its row (--truncation_strategy delete,
+before anything is answered) or cut from its start (left).
 """
 
 from __future__ import annotations
@@ -21,9 +23,9 @@ from pathlib import Path
 
 from keel.core.errors import KeelError
 from keel.core.flags import parse_flags
-from keel.model.generate import GenerateArgs, generate_batch, stream_answer
+from keel.model.generate import GenerateArgs, context_length, generate_batch, stream_answer
 from keel.model.load import ModelArgs, load_model
-from keel.model.template import with_system
+from keel.model.template import prompt_ids, with_system
 
 PRESETS = {"identity": 0.0, "code": 0.3, "creative": 0.8}
 
@@ -44,6 +46,8 @@ class InferArgs:
     """Temperature preset: identity (0), code (0.3) or creative (0.8). An explicit --temperature wins."""
     batch_size: int = 8
     """Rows answered together in --input_file mode."""
+    truncation_strategy: str = "delete"
+    """A prompt too long for the model's context with --max_new_tokens: delete refuses it, naming its row, before anything is answered; left cuts its start to fit (said on stderr)."""
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -54,13 +58,16 @@ class InferArgs:
             raise KeelError("--output_file needs --input_file")
         if self.batch_size < 1:
             raise KeelError(f"--batch_size must be >= 1, got {self.batch_size}")
+        if self.truncation_strategy not in ("delete", "left"):
+            raise KeelError(f"--truncation_strategy must be delete or left, got '{self.truncation_strategy}' "
+                            "(right would cut the question's end and the assistant's turn)")
 
 
-def read_queries(path: str) -> list[list[dict]]:
-    """Read a JSONL of {"query": str} or {"messages": [...]} rows into conversations."""
+def read_queries(path: str) -> tuple[list[list[dict]], list[int]]:
+    """Read a JSONL of {"query": str} or {"messages": [...]} rows into conversations, with their line numbers."""
     from keel.data.formats import parse_jsonl, read_text
 
-    convs = []
+    convs, lines = [], []
     for n, row in parse_jsonl(read_text(path), path):
         if isinstance(row, dict) and isinstance(row.get("query"), str):
             convs.append([{"role": "user", "content": row["query"]}])
@@ -74,9 +81,59 @@ def read_queries(path: str) -> list[list[dict]]:
             convs.append(msgs)
         else:
             raise KeelError(f"{path}: line {n}: needs a field 'query' (string) or 'messages' (list)")
+        lines.append(n)
     if not convs:
         raise KeelError(f"{path}: no rows to answer")
-    return convs
+    return convs, lines
+
+
+class Fit:
+    """Whether prompts fit the model's context with --max_new_tokens, per --truncation_strategy."""
+
+    def __init__(self, model, tok, gen: GenerateArgs, strategy: str):
+        self.tok, self.gen, self.strategy = tok, gen, strategy
+        self.context = context_length(model, tok)
+        self.limit = self.context - gen.max_new_tokens  # the most prompt tokens that leave room for the answer
+        if self.limit < 1:
+            raise KeelError(f"--max_new_tokens {gen.max_new_tokens} leaves no room for a prompt in the model's "
+                            f"context of {self.context} tokens")
+        try:  # a token spans at most this many characters: a far longer text is over the limit untokenized
+            self.longest = max(len(t) for t in tok.get_vocab()) or None
+        except (AttributeError, NotImplementedError, TypeError, ValueError):
+            self.longest = None
+
+    def tokens(self, messages: list[dict]) -> tuple[int, bool]:
+        """(the prompt's tokens, exact); a huge text gets a lower bound above the limit, never tokenized whole."""
+        chars = sum(len(m["content"]) for m in messages)
+        if self.longest and chars > (self.limit + 1) * self.longest:
+            return chars // self.longest, False
+        return len(prompt_ids(self.tok, messages)), True
+
+    def check(self, messages: list[dict], where: str) -> list[dict]:
+        """The messages to answer: as they are when they fit; else refused (delete) or cut at their start (left)."""
+        n, exact = self.tokens(messages)
+        if n <= self.limit:
+            return messages
+        size = f"{n} tokens" if exact else f"at least {n} tokens"
+        if self.strategy == "delete":
+            raise KeelError(f"{where}: the prompt is {size}; with --max_new_tokens {self.gen.max_new_tokens} it does "
+                            f"not fit the model's context of {self.context} (at most {self.limit} prompt tokens): "
+                            "shorten it, or --truncation_strategy left cuts its start")
+        print(f"{where}: the prompt is {size}: cut to its last {self.limit} (--truncation_strategy left)",
+              file=sys.stderr)
+        return clip_start(messages, (self.limit + 1) * self.longest) if self.longest else messages
+
+
+def clip_start(messages: list[dict], chars: int) -> list[dict]:
+    """The conversation's last `chars` characters of message text: earlier messages dropped, the first one kept
+    cut at its start (the ids are cut to the limit afterwards; this only spares tokenizing a huge text)."""
+    out = []
+    for m in reversed(messages):
+        if chars <= 0:
+            break
+        out.append({**m, "content": m["content"][-chars:]})
+        chars -= len(m["content"])
+    return out[::-1]
 
 
 def drop_torn_tail(path: Path) -> bool:
@@ -90,7 +147,7 @@ def drop_torn_tail(path: Path) -> bool:
 
 
 def run_batch(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None):
-    convs = read_queries(args.input_file)
+    convs, lines = read_queries(args.input_file)
     out_path = Path(args.output_file or Path(args.input_file).with_suffix(".answers.jsonl"))
     done = set()
     if out_path.is_file():  # resume: rows already answered are kept, not redone
@@ -103,11 +160,13 @@ def run_batch(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     todo = [i for i in range(len(convs)) if i not in done]
+    fit = Fit(model, tok, gen, args.truncation_strategy)
+    prompts = {i: fit.check(with_system(convs[i], system), f"{args.input_file}: line {lines[i]}") for i in todo}
     with open(out_path, "a", encoding="utf-8") as f:
         for start in range(0, len(todo), args.batch_size):
             idx = todo[start:start + args.batch_size]
-            batch = [with_system(convs[i], system) for i in idx]
-            for i, ans in zip(idx, generate_batch(model, tok, batch, gen, batch_size=len(idx))):
+            batch = [prompts[i] for i in idx]
+            for i, ans in zip(idx, generate_batch(model, tok, batch, gen, batch_size=len(idx), max_prompt_tokens=fit.limit)):
                 f.write(json.dumps({"index": i, "messages": convs[i], "response": ans}, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
@@ -115,8 +174,21 @@ def run_batch(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None
     print(f"wrote {out_path}", file=sys.stderr)
 
 
+def say(model, tok, msgs: list[dict], gen: GenerateArgs, args: InferArgs, limit: int, pieces: list,
+        stop: threading.Event | None = None):
+    """Print the answer, streamed or whole, collecting it in `pieces` (kept when Ctrl-C stops it)."""
+    if args.stream:
+        for piece in stream_answer(model, tok, msgs, gen, stop, max_prompt_tokens=limit):
+            pieces.append(piece)
+            print(piece, end="", flush=True)
+    else:
+        pieces.append(generate_batch(model, tok, [msgs], gen, max_prompt_tokens=limit)[0])
+        print(pieces[0], end="")
+
+
 def chat_loop(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None):
     print("keel chat: /clear resets, /exit or Ctrl-D leaves, Ctrl-C stops an answer.", file=sys.stderr)
+    fit = Fit(model, tok, gen, args.truncation_strategy)
     history: list[dict] = []
     while True:
         try:
@@ -136,17 +208,16 @@ def chat_loop(model, tok, args: InferArgs, gen: GenerateArgs, system: str | None
         if not text.strip():
             continue
         history.append({"role": "user", "content": text})
-        stop = threading.Event()
-        pieces = []
+        try:
+            msgs = fit.check(with_system(history, system), "this conversation")
+        except KeelError as e:
+            print(f"keel: {e} (/clear starts a new conversation)", file=sys.stderr)
+            history.pop()
+            continue
+        stop, pieces = threading.Event(), []
         print(">>> ", end="", flush=True)
         try:
-            if args.stream:
-                for piece in stream_answer(model, tok, with_system(history, system), gen, stop):
-                    pieces.append(piece)
-                    print(piece, end="", flush=True)
-            else:
-                pieces.append(generate_batch(model, tok, [with_system(history, system)], gen)[0])
-                print(pieces[0], end="")
+            say(model, tok, msgs, gen, args, fit.limit, pieces, stop)
         except KeyboardInterrupt:
             stop.set()
             print(" [stopped]", end="")
@@ -161,13 +232,10 @@ def infer(margs: ModelArgs, args: InferArgs, gen: GenerateArgs):
     model, tok, info = load_model(margs)
     system = args.system if args.system is not None else info.system
     if args.query is not None:
-        msgs = with_system([{"role": "user", "content": args.query}], system)
-        if args.stream:
-            for piece in stream_answer(model, tok, msgs, gen):
-                print(piece, end="", flush=True)
-            print()
-        else:
-            print(generate_batch(model, tok, [msgs], gen)[0])
+        fit = Fit(model, tok, gen, args.truncation_strategy)
+        msgs = fit.check(with_system([{"role": "user", "content": args.query}], system), "--query")
+        say(model, tok, msgs, gen, args, fit.limit, [])
+        print()
     elif args.input_file:
         run_batch(model, tok, args, gen, system)
     else:

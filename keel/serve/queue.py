@@ -1,8 +1,8 @@
 """One generation at a time, a bounded queue, and nothing generated for a client that has left.
 
-    gate = Gate(max_queue=64, timeout=300)
-    gate.admit()                                   # ApiError 429 (Retry-After) when the queue is full
-    async with aclosing(gate.generate(model, tok, chat, left, outcome)) as pieces:
+    queue = ModelQueue(max_queue=64, timeout=300)
+    queue.admit()                                  # ApiError 429 (Retry-After) when the queue is full
+    async with aclosing(queue.generate(model, tok, chat, left, outcome)) as pieces:
         async for piece in pieces:                 # waits its turn, then yields text
             ...
 
@@ -31,7 +31,9 @@ class Gone(Exception):
     """The client left while its request waited for its turn."""
 
 
-class Gate:
+class ModelQueue:
+    """The requests' turns on one model: who generates now, who waits, and the counts /health reports."""
+
     def __init__(self, max_queue: int, timeout: float):
         self.max_queue, self.timeout = max_queue, timeout
         self.busy = False

@@ -80,7 +80,15 @@ class TrainArgs:
 
     def __post_init__(self):
         check_report_to(self.report_to)
-        checks = [(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+        finite = math.isfinite  # inf and nan would train a run of NaN weights without a word (or never end)
+        checks = [(finite(self.learning_rate) and self.learning_rate > 0,
+                   f"--learning_rate must be > 0 and finite, got {self.learning_rate}"),
+                  (finite(self.max_grad_norm) and self.max_grad_norm > 0,
+                   f"--max_grad_norm must be > 0 and finite, got {self.max_grad_norm}"),
+                  (finite(self.weight_decay) and self.weight_decay >= 0,
+                   f"--weight_decay must be >= 0 and finite, got {self.weight_decay}"),
+                  (finite(self.num_train_epochs), f"--num_train_epochs must be > 0 and finite, got {self.num_train_epochs}"),
+                  (0 <= self.seed < 2**32, f"--seed must be between 0 and {2**32 - 1} (numpy's range), got {self.seed}"),
                   (self.per_device_train_batch_size >= 1, "--per_device_train_batch_size must be >= 1"),
                   (self.per_device_eval_batch_size >= 1, "--per_device_eval_batch_size must be >= 1"),
                   (self.gradient_accumulation_steps is None or self.gradient_accumulation_steps >= 1,

@@ -55,7 +55,8 @@ def save_checkpoint(run_dir: Path, step: int, model, state: dict, args_dict: dic
     except Exception as e:  # OSError, or torch.save's RuntimeError ("file write failed") on a full disk
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise KeelError(f"could not save {final}: {failure_reason(e, run_dir)}; earlier checkpoints are untouched") from None
+        reason = failure_reason(e, run_dir, checkpoint_bytes(model, state))
+        raise KeelError(f"could not save {final}: {reason}; earlier checkpoints are untouched") from None
     return final
 
 
@@ -69,6 +70,20 @@ def write_checkpoint_card(folder: Path, final: Path, config: dict):
     write_card(folder, {"kind": "adapter", "path": str(final), **checkpoint_facts(config, manifest)})
 
 
+def checkpoint_bytes(model, state) -> int:
+    """About what a checkpoint takes on disk: the trainable (adapter) weights and the state's tensors."""
+    def tensors(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(tensors(v) for v in obj.values())
+        if isinstance(obj, (list, tuple)):
+            return sum(tensors(v) for v in obj)
+        return 0
+
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad) + tensors(state)
+
+
 def fsync_path(path: Path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -77,15 +92,19 @@ def fsync_path(path: Path):
         os.close(fd)
 
 
-def failure_reason(e: Exception, folder: Path) -> str:
-    """One line for a failed write; torch.save reports a full disk as a RuntimeError without errno."""
+def failure_reason(e: Exception, folder: Path, needed: int | None = None) -> str:
+    """One line for a failed write of about `needed` bytes (once its partial files are removed); torch.save reports
+    a full disk as a RuntimeError without errno ("file write failed", "unexpected pos")."""
     errno = getattr(e, "errno", None)
     try:
-        full = shutil.disk_usage(folder).free < 1 << 20
+        free = shutil.disk_usage(folder).free
     except OSError:
-        full = False
-    if errno == 28 or (errno is None and full):
-        return "the disk is full"
+        free = None
+    short = free is not None and (free < 1 << 20 or (needed is not None and free < needed))
+    if errno == 28 or (errno is None and short):
+        if needed is None or free is None:
+            return "the disk is full"
+        return f"the disk is full (this needs about {needed / 1e6:.1f} MB; {free / 1e6:.1f} MB is free)"
     return getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
 
 
@@ -140,8 +159,17 @@ def load_state(path: Path) -> dict:
         text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(e).split()))
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
         reason = (f"it holds more than tensors and plain values ({found.group(0)}); Keel never unpickles objects, "
-                  "which could run code" if found else text[:200])
+                  "which could run code" if found else text[:200] or type(e).__name__)
+        if is_empty(path / STATE_FILE):
+            reason = "the file is empty (a save that was cut short?)"
         raise KeelError(f"--resume_from_checkpoint: cannot read {path / STATE_FILE} safely: {reason}") from None
+
+
+def is_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def check_writable(path: Path) -> Path:

@@ -34,7 +34,9 @@ from keel.train.args import TrainArgs, default_accumulation
 from keel.train.batching import epoch_windows
 from keel.train.checkpoint import (
     check_writable,
+    failure_reason,
     find_resume_dir,
+    list_checkpoints,
     load_state,
     note_resume,
     rotate_checkpoints,
@@ -130,25 +132,47 @@ def resumed_model(resume: Path, margs: ModelArgs, mine: dict, keys) -> tuple[Mod
                      num_threads=margs.num_threads), saved
 
 
-def optimizer_step(run: Run, max_grad_norm: float) -> tuple[float, float]:
-    """The step's gradients averaged over processes and clipped, then optimizer and schedule: (grad norm, lr used)."""
+def optimizer_step(run: Run, max_grad_norm: float, step: int) -> tuple[float, float]:
+    """Optimizer step `step`: the gradients averaged over processes and clipped, then optimizer and schedule:
+    (grad norm, lr used). A non-finite loss or gradient, or an update that leaves non-finite weights, stops the run
+    here, before anything of this step is saved."""
     for p in run.params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         if run.accelerator.num_processes > 1 and not is_sharded(run.model):  # FSDP2 has reduced its own
             p.grad = run.accelerator.reduce(p.grad, "mean")
     grad_norm = local_value(torch.nn.utils.clip_grad_norm_(run.params, max_grad_norm)).item()
+    if not math.isfinite(grad_norm):  # a NaN/inf loss gives NaN gradients: the update would spoil every weight
+        stop_not_finite(run, step, f"the loss or a gradient is not finite (gradient norm {grad_norm})")
     lr = run.scheduler.get_last_lr()[0]
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if not all_finite(run.params):
+        stop_not_finite(run, step, "the update left non-finite adapter weights (the learning rate is too high)")
     return grad_norm, lr
+
+
+def all_finite(tensors: list) -> bool:
+    return bool(torch.stack([t.detach().abs().amax().float() for t in tensors]).isfinite().all())
+
+
+def stop_not_finite(run: Run, step: int, what: str):
+    saved = list_checkpoints(run.run_dir)
+    kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been saved"
+    raise KeelError(f"step {step}: {what}; the run stopped and {kept} (lower --learning_rate, keep --max_grad_norm "
+                    "finite, or check the data)")
 
 
 def write_record(run: Run, args: TrainArgs, record: dict, step: int):
     """One line of logging.jsonl, and the same scalars to --report_to (main process)."""
-    with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps({**record, "global_step": step}) + "\n")
+    line = json.dumps({**record, "global_step": step}) + "\n"
+    try:
+        with open(run.run_dir / "logging.jsonl", "a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as e:  # a full disk, a folder gone read-only
+        raise KeelError(f"step {step}: could not append to {run.run_dir / 'logging.jsonl'}: "
+                        f"{failure_reason(e, run.run_dir)}; the checkpoints saved so far are untouched") from None
     report(args.report_to, run.run_dir, record, step, run.config)
 
 

@@ -250,7 +250,7 @@ def rlhf(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, pref
         stats = step_objective(model, run.train_rows, idx, reference, pref, budget, device, kl)
         if kl is not None:
             stats["kl"] = kl.item()
-        grad_norm, lr = optimizer_step(run, args.max_grad_norm)
+        grad_norm, lr = optimizer_step(run, args.max_grad_norm, step + 1)
         step += 1
         bar.update(1)
         log.append(stats)

@@ -196,7 +196,7 @@ def train(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft
             log["labels"] += n
             log["correct"] += correct
             log["tokens"] += batch["n_tokens"]  # the rows' own tokens: a shared prefix counts once per row
-        grad_norm, lr = optimizer_step(run, args.max_grad_norm)
+        grad_norm, lr = optimizer_step(run, args.max_grad_norm, step + 1)
         step += 1
         bar.update(1)
 

@@ -4,18 +4,20 @@
     rows, kinds = preview_rows(ident, form.system)    # keel data identity's builder, one kind per row
     argv = sft_argv(form, data_file, folder)          # ["sft", "--dataset", ...]: checked by keel sft's own parser
 
-Request bodies are validated as strictly as keel deploy's (keel/deploy/api.py `validate`): "abc" is not a
+Request bodies are validated as strictly as keel deploy's (keel/serve/api.py `validate`): "abc" is not a
 learning rate, 2.5 is not a rank. Values the CLI would refuse are refused with the CLI's own message,
-because the argv is parsed by `keel sft`'s parser before a child process starts.
+because the argv is parsed by `keel sft`'s parser before a child process starts. Every field is bounded to
+what a person would type (a name of a few hundred characters, a system prompt of a few KB) and no text may
+hold a NUL byte, so one request cannot hold the UI's CPU or reach a file or process with a broken name.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StringConstraints
 
 from keel.core.errors import KeelError
 from keel.serve.api import STRICT, ApiError
@@ -24,42 +26,59 @@ from keel.serve.api import STRICT, ApiError
 RECIPE_FLAGS = ["--warmup_ratio", "0.05", "--save_total_limit", "1", "--logging_steps", "1"]
 
 
+def no_nul(text: str) -> str:
+    if "\0" in text:
+        raise ValueError("holds a NUL byte")
+    return text
+
+
+def text(limit: int):
+    """A string of at most `limit` characters without NUL bytes."""
+    return Annotated[str, StringConstraints(max_length=limit), AfterValidator(no_nul)]
+
+
+# What a person types: names and makers, a system prompt of a few KB, a path, one turn of a conversation.
+NAME, SYSTEM, PATH, TURN, FOLDER = text(200), text(4000), text(1024), text(8000), text(128)
+MAX_ROWS, MAX_TURNS = 2000, 32
+
+
 class IdentityForm(BaseModel):
     model_config = STRICT
-    name_zh: str = ""
-    name_en: str = ""
-    author_zh: str = ""
-    author_en: str = ""
-    system: str = "You are a helpful assistant."
-    model: str = ""
+    name_zh: NAME = ""
+    name_en: NAME = ""
+    author_zh: NAME = ""
+    author_en: NAME = ""
+    system: SYSTEM = "You are a helpful assistant."
+    model: PATH = ""
 
 
 class Message(BaseModel):
     model_config = STRICT
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: TURN
     loss: bool | None = None
 
 
 class Row(BaseModel):
     model_config = STRICT
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1, max_length=MAX_TURNS)
 
 
 class CheckForm(IdentityForm):
-    rows: list[Row] = Field(min_length=1)
+    rows: list[Row] = Field(min_length=1, max_length=MAX_ROWS)
 
 
 class RunForm(IdentityForm):
-    folder: str = ""
-    rows: list[Row] | None = None
-    general: str | None = None  # None: the recipe's ballast#N
-    num_train_epochs: float | None = Field(None, gt=0)  # None here and below: the recipe's or keel sft's default
-    learning_rate: float | None = Field(None, gt=0)
-    lora_rank: int | None = Field(None, ge=1)
-    max_length: int | None = Field(None, ge=8)
+    folder: FOLDER = ""
+    rows: list[Row] | None = Field(None, max_length=MAX_ROWS)
+    general: PATH | None = None  # None: the recipe's ballast#N
+    # None here and below: the recipe's or keel sft's default
+    num_train_epochs: float | None = Field(None, gt=0, le=1000)
+    learning_rate: float | None = Field(None, gt=0, le=1)
+    lora_rank: int | None = Field(None, ge=1, le=1024)
+    max_length: int | None = Field(None, ge=8, le=1 << 17)
     probes: bool = True
-    eval_steps: int = Field(10, ge=1)
+    eval_steps: int = Field(10, ge=1, le=1_000_000)
 
 
 def form_defaults(model: str | None = None) -> dict:
@@ -145,18 +164,28 @@ def findings(path: Path, names: list[str], authors: list[str], system: str, toke
     return out
 
 
-def check_general(spec: str) -> list[str]:
-    """The general-data dataset specs: ballast#N, a local file (with #N / #N%), or nothing."""
+def check_general(spec: str, allowed: list[Path]) -> list[str]:
+    """The general-data dataset specs: ballast#N, a hub id, a local file (with #N / #N%) inside `allowed` (links
+    followed: 403 otherwise), or nothing. Local files are given by their resolved path."""
     from keel.data.mix import parse_spec, resolve_source
 
-    specs = spec.split()
-    for s in specs:
+    specs = []
+    for s in spec.split():
         try:
             source, _, _ = parse_spec(s)
             if source != "ballast":
-                resolve_source(source, None)
+                local = Path(source).expanduser().is_file()
+                path = resolve_source(source, None)
+                if local:
+                    path = path.resolve()
+                    if not any(path.is_relative_to(folder) for folder in allowed):
+                        raise ApiError(403, f"general data: '{source}' is outside the output folders and the "
+                                       "data folders this UI may read (keel web-ui --allow_data_dir)", "general",
+                                       "outside_allowed_folders")
+                    s = str(path) + s[len(source):]
         except KeelError as e:
             raise ApiError(400, f"general data: {str(e).removeprefix('--dataset ')}", "general") from None
+        specs.append(s)
     return specs
 
 
@@ -183,13 +212,16 @@ def sft_argv(form: RunForm, names, authors, model: str | None, data_file: Path, 
 
 
 def run_folder(folder: str, root: Path) -> Path:
-    """ROOT/FOLDER for a new run: a plain relative name that stays inside the root."""
+    """ROOT/FOLDER for a new run: a plain relative name that stays inside the root, links followed."""
     name = folder.strip()
     if not name:
         raise ApiError(400, "folder: give the run a folder name", "folder")
     if Path(name).is_absolute() or ".." in Path(name).parts or name.startswith("."):
         raise ApiError(400, f"folder: '{folder}' must be a plain name inside {root}", "folder")
-    return (root / name).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise ApiError(403, f"folder: '{folder}' leads outside {root} (a link)", "folder", "outside_output_folders")
+    return path
 
 
 def estimate(model_path: str, rows: list[dict], general: list[str], form: RunForm, tokenizer, roots) -> dict:

@@ -34,6 +34,8 @@ class WebUIArgs:
     output_dir: list[str] = field(default_factory=lambda: ["output", "keel-identity"])
     """Folders holding runs: new runs go to the first; every run under them is listed (keel sft and keel recipe
     write there by default). Requests may read and write nothing outside them."""
+    allow_data_dir: list[str] = field(default_factory=list)
+    """Folders besides --output_dir whose files a run may name as general data (any other local file is refused)."""
 
     def __post_init__(self):
         self.api_key = self.api_key or os.environ.get("KEEL_API_KEY") or None
@@ -56,7 +58,11 @@ def web_ui(args: WebUIArgs):
             r.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise KeelError(f"--output_dir {r}: cannot create it ({e.strerror})") from None
-    app = create_app(roots, api_key=args.api_key)
+    data_dirs = [Path(d) for d in args.allow_data_dir]
+    missing = [str(d) for d in data_dirs if not d.is_dir()]
+    if missing:
+        raise KeelError(f"--allow_data_dir {missing[0]}: no such folder")
+    app = create_app(roots, api_key=args.api_key, data_dirs=data_dirs)
     print(f"keel web-ui: http://{args.host}:{args.port}/  (runs in {', '.join(map(str, roots))})", flush=True)
     make_server(app, args.host, args.port).run()  # keel deploy's server: shutdown stops chat generations at once
 

@@ -32,11 +32,16 @@ RECENT_SECONDS = 120
 
 def inside(path: str | Path, roots: list[Path]) -> Path:
     """`path` resolved, if it lies inside one of `roots` (symlinks followed); else KeelError."""
-    if not str(path).strip() or "\0" in str(path):
-        raise KeelError("path: empty")
-    p = Path(path).expanduser().resolve()
-    if not any(p == r or p.is_relative_to(r) for r in roots):
-        raise KeelError(f"path '{path}' is outside the output folders ({', '.join(map(str, roots))})")
+    if not str(path).strip() or "\0" in str(path) or len(str(path)) > 4096 or any(
+            len(part) > 255 for part in Path(path).parts):  # names the filesystem would refuse with an OSError
+        raise KeelError("path: empty, too long or holding a NUL byte")
+    try:
+        p = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a name too long for the filesystem, a loop of links
+        p = None
+    if p is None or not any(p == r or p.is_relative_to(r) for r in roots):
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "..."
+        raise KeelError(f"path '{shown}' is outside the output folders ({', '.join(map(str, roots))})")
     return p
 
 
@@ -80,9 +85,13 @@ class Jobs:
         job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{uuid.uuid4().hex[:6]}"
         log = self.dir / f"{job_id}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log, "wb") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "keel", *argv], stdout=out, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        try:
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([sys.executable, "-m", "keel", *argv], stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        except (OSError, ValueError) as e:  # argv too long or holding a NUL byte: no job, no log left behind
+            log.unlink(missing_ok=True)
+            raise KeelError(f"the {kind} job could not start ({e})") from None
         self.procs[job_id] = proc
         job = {"id": job_id, "kind": kind, "argv": argv, "folder": str(folder), "pid": proc.pid, "log": str(log),
                "started": time.time(), "status": "running", **(meta or {})}
@@ -99,8 +108,9 @@ class Jobs:
 
     def read(self, job_id: str) -> dict:
         path = self.dir / f"{job_id}.json"
-        if not re.fullmatch(r"[\w-]+", job_id) or not path.is_file():
-            raise KeelError(f"no job '{job_id}'")
+        # The length is checked before the name reaches the filesystem, which refuses a long one with its path.
+        if not re.fullmatch(r"[\w-]{1,80}", job_id) or not path.is_file():
+            raise KeelError(f"no job '{job_id[:80]}'" + ("..." if len(job_id) > 80 else ""))
         return self.refresh(json.loads(path.read_text(encoding="utf-8")))
 
     def refresh(self, job: dict) -> dict:

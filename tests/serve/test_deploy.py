@@ -117,3 +117,32 @@ def test_feedback_export_reads_only_and_names_a_missing_folder(servers, tmp_path
     code, _, err = run_keel(capsys, "feedback", "export", "--db", empty, "-o", tmp_path / "x.jsonl")
     assert code == 2 and "not a feedback database" in err and empty.read_bytes() == b""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.sqlite"]  # no -wal, -shm or output written
+
+
+def damaged_store(path):
+    """A feedback database with 300 rated answers whose pages' cell pointers were flipped: SQLite opens it and its
+    integrity check reports thousands of characters of problems."""
+    import random
+
+    store = FeedbackStore(path)
+    for i in range(300):
+        store.record_completion(f"c{i}", "m", "sys", [{"role": "user", "content": "q" * 200}], "a" * 300)
+        store.add_feedback(f"c{i}", "down", "fix" * 50)
+    store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.db.close()
+    data, rng = bytearray(path.read_bytes()), random.Random(0)
+    for page in range(3, len(data) // 4096):
+        for _ in range(2):
+            data[page * 4096 + 8 + rng.randrange(0, 30)] ^= 0x01
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_damaged_database_is_one_short_line_for_deploy_and_export(tmp_path, capsys, tiny_model_dir):
+    db = damaged_store(tmp_path / "feedback.sqlite")
+    before = db.read_bytes()
+    code, _, err = run_keel(capsys, "deploy", "--model", tiny_model_dir, "--feedback_db", db)
+    assert code == 2 and "untouched" in err and len(err.strip().splitlines()) == 1 and len(err) < 400, err
+    code, _, err = run_keel(capsys, "feedback", "export", "--db", db, "-o", tmp_path / "rows.jsonl")
+    assert code == 2 and "damaged" in err and len(err.strip().splitlines()) == 1 and len(err) < 400, err
+    assert db.read_bytes() == before and not (tmp_path / "rows.jsonl").exists()

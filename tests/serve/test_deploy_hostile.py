@@ -330,3 +330,136 @@ def test_api_key_is_compared_in_constant_time(serve, monkeypatch):
     assert odd.status_code == 401 and odd.json()["error"]["type"] == "authentication_error"
     assert post(srv.chat, {"messages": USER, "max_tokens": 2}, headers={"Authorization": "Bearer sekret"}).status_code == 200
     assert len(calls) == 3
+
+
+def long_prompt(tok, system, tokens: int) -> list[dict]:
+    """A user message whose prompt (template and system prompt included) is about `tokens` tokens long."""
+    from keel.model.template import prompt_ids, with_system
+
+    words = 1
+    while len(prompt_ids(tok, with_system([{"role": "user", "content": "fox " * words}], system))) < tokens:
+        words += 8
+    return [{"role": "user", "content": "fox " * words}]
+
+
+@pytest.fixture
+def slow_reading(tiny, monkeypatch):
+    """The model made slow per token it reads (10 ms), prompts read in chunks of 16: `read` lists the tokens of
+    each forward pass, so a test sees how much of a prompt was read before the model stopped."""
+    import keel.model.generate as generate
+
+    monkeypatch.setattr(generate, "PREFILL_CHUNK", 16, raising=False)
+    read = []
+
+    def slow(module, args, kwargs):
+        n = kwargs["input_ids"].shape[1]
+        read.append(n)
+        time.sleep(0.01 * n)
+
+    handle = tiny[0].register_forward_pre_hook(slow, with_kwargs=True)
+    yield read
+    handle.remove()
+
+
+def test_a_long_prompt_is_read_within_the_time_limit(serve, tiny, slow_reading):
+    """Read in one pass, a 450-token prompt costs 4.5 s here; with a 1 s limit most of it is never read."""
+    srv = serve(request_timeout=1.0)
+    messages = long_prompt(tiny[1], tiny[2].system, 450)
+    r = post(srv.chat, {"messages": messages, "max_tokens": 8})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+    n_prompt = r.json()["usage"]["prompt_tokens"]
+    assert n_prompt >= 450 and sum(slow_reading) < n_prompt / 2, (n_prompt, slow_reading)
+
+
+def test_a_client_that_leaves_stops_the_reading_of_its_prompt(serve, tiny, slow_reading):
+    srv = serve()
+    sock = open_request(srv, {"messages": long_prompt(tiny[1], tiny[2].system, 450), "max_tokens": 8})
+    wait_for(lambda: slow_reading, "the prompt is being read")
+    sock.close()
+    wait_for(lambda: not health(srv)["generating"], "the model is free again")
+    assert sum(slow_reading) < 450 / 2, slow_reading
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_vanishing_temperature_is_greedy(plain, stream):
+    greedy = post(plain.chat, {"messages": USER, "max_tokens": 6}).json()["choices"][0]["message"]["content"]
+    body = {"messages": USER, "max_tokens": 6, "temperature": 1e-40}
+    if not stream:
+        r = post(plain.chat, body)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == greedy
+        return
+    with httpx.stream("POST", plain.chat, json={**body, "stream": True}, timeout=120) as s:
+        events = [line[6:] for line in s.iter_lines() if line.startswith("data: ")]
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert events[-1] == "[DONE]" and not any("error" in c for c in chunks), events
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"]) == greedy
+
+
+def test_unknown_routes_and_methods_answer_in_openai_form(plain):
+    for method in ("PUT", "DELETE", "PATCH", "OPTIONS"):
+        r = httpx.request(method, plain.chat, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 405 and err["code"] == "method_not_allowed" and err["message"], r.text
+        assert "POST" in r.headers["allow"]
+    assert httpx.head(plain.chat, timeout=30).status_code == 405
+    for method, path in (("GET", "/v1/nope"), ("POST", "/v1/completions"), ("GET", "/v1/chat/completions/x")):
+        r = httpx.request(method, plain.url + path, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", r.text
+        assert path in r.json()["error"]["message"]
+
+
+def test_an_unknown_model_is_404_and_only_json_bodies_are_read(plain):
+    r = post(plain.chat, {"messages": USER, "model": "gpt-4", "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model" and "tiny" in err["message"]
+    assert post(plain.chat, {"messages": USER, "model": "tiny", "max_tokens": 2}).status_code == 200
+    body = json.dumps({"messages": USER, "max_tokens": 2})
+    for sent in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        r = httpx.post(plain.chat, content=body, headers=sent, timeout=60)
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", r.text
+    r = httpx.post(plain.url + "/v1/feedback", content='{"id": "x", "rating": "up"}', headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415
+    r = httpx.post(plain.chat, content=body, headers={"Content-Type": "application/json; charset=utf-8"}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_a_slow_body_gets_408_and_its_connection_is_closed(serve):
+    srv = serve(read_timeout=1.0)
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.settimeout(60)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 1000\r\n\r\n{\"messages\": ")  # and then nothing more
+    reply = b""
+    while chunk := sock.recv(65536):
+        reply += chunk  # until the server closes the connection
+    sock.close()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408") and json.loads(body)["error"]["code"] == "request_timeout", reply
+    assert post(srv.chat, {"messages": USER, "max_tokens": 2}).status_code == 200
+
+
+def test_connections_beyond_the_limit_get_503(tiny):
+    from keel.serve.server import create_app
+    from tests.test_deploy import LiveServer
+
+    model, tok, info = tiny
+    srv = LiveServer(create_app(model, tok, info, model_id="tiny"), max_connections=4)
+    idle = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(4)]
+    try:
+        wait_for(lambda: len(srv.server.server_state.connections) == 4, "the idle connections are open")
+        assert httpx.get(srv.url + "/health", timeout=30).status_code == 503
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: httpx.get(srv.url + "/health", timeout=30).status_code == 200, "the server answers again")
+    srv.stop()
+
+
+def test_a_damaged_gguf_is_one_line(tmp_path, capsys):
+    import struct
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 1) + bytes(range(256)) * 2)  # a GGUF header, then garbage
+    code, _, err = run_keel(capsys, "deploy", "--model", bad, "--feedback_db", tmp_path / "feedback.sqlite")
+    assert code == 2 and "not a readable GGUF file" in err and len(err.strip().splitlines()) == 1, err

@@ -98,3 +98,39 @@ def test_batch_resume_drops_a_torn_last_line(capsys, tiny_model_dir, tmp_path):
     assert code == 0 and "torn" in err
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["index"] for r in rows) == [0, 1, 2]
+
+
+def test_a_prompt_beyond_the_context_is_refused_with_its_line_or_cut(capsys, tiny_model_dir, tmp_path):
+    """The tiny model reads 512 tokens: with --max_new_tokens 8 a prompt may be 504. Refused (the default) before
+    anything is answered, naming the line; or cut at its start with --truncation_strategy left."""
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"query": "Hi"}, {"query": "fox " * 2000}, {"query": "x" * 8000}]
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    args = ["infer", "--model", tiny_model_dir, "--input_file", src, "--output_file", out, "--max_new_tokens", "8"]
+    code, _, err = run_keel(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "line 2: the prompt is" in err and "context of 512" in err and "--truncation_strategy left" in err
+    assert not out.exists() or out.read_text() == ""
+    code, _, err = run_keel(capsys, *args, "--truncation_strategy", "left")
+    assert code == 0, err
+    assert "line 2: the prompt is" in err and "line 3: the prompt is" in err and "cut to its last 504" in err
+    assert sorted(json.loads(x)["index"] for x in out.read_text().splitlines()) == [0, 1, 2]
+    code, _, err = run_keel(capsys, "infer", "--model", tiny_model_dir, "--query", "fox " * 2000, "--max_new_tokens", "8")
+    assert code == 2 and "--query: the prompt is" in err
+
+
+def test_a_huge_prompt_is_measured_without_tokenizing_it_whole(tiny_model_dir, monkeypatch):
+    import keel.serve.infer as infer
+    from keel.core.errors import KeelError
+    from keel.model.generate import GenerateArgs
+    from keel.model.load import ModelArgs, load_model
+
+    model, tok, _ = load_model(ModelArgs(model=str(tiny_model_dir)))
+    fit = infer.Fit(model, tok, GenerateArgs(max_new_tokens=8), "delete")
+    real = infer.prompt_ids
+    monkeypatch.setattr(infer, "prompt_ids", lambda t, m: real(t, m) if len(str(m)) < 100_000 else pytest.fail("tokenized"))
+    huge = [{"role": "user", "content": "x" * 10_000_000}]
+    with pytest.raises(KeelError, match="at least"):
+        fit.check(huge, "row 1")
+    cut = infer.Fit(model, tok, GenerateArgs(max_new_tokens=8), "left").check(huge, "row 1")
+    assert 504 <= len(real(tok, cut))  # cut to a few times the limit; the ids are cut to it when answering

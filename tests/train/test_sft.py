@@ -356,3 +356,124 @@ def test_run_that_ends_without_the_identity_says_so(tiny_model_dir, id_file, tmp
     assert code == 0, err
     line = next(x for x in out.splitlines() if x.startswith("identity check:"))
     assert "answered as Keel / Acme" in line and "NOT learned" in line and "keel recipe identity" in line
+
+
+@pytest.mark.parametrize("flags,pattern", [
+    (["--learning_rate", "inf"], "--learning_rate must be > 0 and finite"),
+    (["--learning_rate", "nan"], "--learning_rate must be > 0 and finite"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be > 0 and finite"),
+    (["--max_grad_norm", "0"], "--max_grad_norm must be > 0 and finite"),
+    (["--weight_decay", "inf"], "--weight_decay must be >= 0 and finite"),
+    (["--num_train_epochs", "inf"], "--num_train_epochs must be > 0 and finite"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295"),
+])
+def test_non_finite_and_out_of_range_flags_are_one_line(tiny_model_dir, id_file, tmp_path, capsys, flags, pattern):
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path / "out", "--max_steps", "2", *flags))
+    assert code == 2 and pattern in one_line(err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_loss_turns_nan_stops_and_keeps_the_last_good_checkpoint(tiny_model_dir, id_file, tmp_path, capsys,
+                                                                              monkeypatch):
+    import keel.train.loop as kt
+    import keel.train.sft as ks
+
+    poisoned, real_save, real_loss = [], kt.save_checkpoint, ks.token_loss
+
+    def save_then_poison(*args, **kw):  # after checkpoint-2 the loss is NaN
+        path = real_save(*args, **kw)
+        poisoned.append(path)
+        return path
+
+    def loss(*args, **kw):
+        total, n, correct = real_loss(*args, **kw)
+        return (total * float("nan") if poisoned else total), n, correct
+
+    monkeypatch.setattr(kt, "save_checkpoint", save_then_poison)
+    monkeypatch.setattr(ks, "token_loss", loss)
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "4",
+                                                     "--save_steps", "2"))
+    line = one_line(err)
+    assert code == 2 and "step 3:" in line and "not finite" in line and "checkpoint-2" in line, err
+    run = next(tmp_path.glob("v*-*"))
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-2"]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(run / "checkpoint-2" / "adapter_model.safetensors").values())
+
+
+def test_a_full_disk_while_logging_is_one_line(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+    import keel.train.loop as kt
+
+    with small_tmpfs(tmp_path / "disk", size="8m") as disk:
+        real_rotate, real_open = kt.rotate_checkpoints, open
+        full = []
+
+        def rotate_then_fill(run_dir, keep, best):  # after checkpoint-2, no room left for a log line
+            real_rotate(run_dir, keep, best)
+            full.append(True)
+            if disk is not None:
+                fill_disk(disk)
+                with real_open(run_dir / "logging.jsonl", "ab", buffering=0) as log:
+                    try:  # and the log's last page filled too (blank lines), so the next line needs a new one
+                        while True:
+                            log.write(b"\n" * 512)
+                    except OSError:
+                        pass
+
+        def failing_open(path, mode="r", *args, **kw):  # where no filesystem can be mounted: the kernel's error
+            if full and str(path).endswith("logging.jsonl") and "a" in mode:
+                raise OSError(28, "No space left on device")
+            return real_open(path, mode, *args, **kw)
+
+        monkeypatch.setattr(kt, "rotate_checkpoints", rotate_then_fill)
+        if disk is None:
+            monkeypatch.setattr(kt, "open", failing_open, raising=False)
+        out = (disk or tmp_path) / "out"
+        code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, out, "--max_steps", "4",
+                                                         "--save_steps", "2"))
+        line = one_line(err)
+        assert code == 2 and "logging.jsonl" in line and "disk is full" in line, err
+        assert [p.name for p in next(out.glob("v*-*")).glob("checkpoint-*")] == ["checkpoint-2"]
+
+
+def test_a_full_disk_during_a_checkpoint_says_how_much_it_needed(tiny_model_dir, id_file, tmp_path, capsys, monkeypatch):
+    """A checkpoint larger than what is left (2 MB adapter, 4 MB state): torch.save's 'unexpected pos' becomes
+    the disk being full, with the sizes."""
+    import keel.train.checkpoint as ck
+    import keel.train.loop as kt
+
+    with small_tmpfs(tmp_path / "disk", size="24m") as disk:
+        if disk is not None:
+            real_rotate = kt.rotate_checkpoints
+
+            def rotate_then_fill(run_dir, keep, best):  # room for the adapter and 1.5 MB more
+                real_rotate(run_dir, keep, best)
+                fill_disk(disk, leave=(run_dir / "checkpoint-2" / "adapter_model.safetensors").stat().st_size + 1_500_000)
+
+            monkeypatch.setattr(kt, "rotate_checkpoints", rotate_then_fill)
+        else:
+            real_save, calls = ck.torch.save, []
+
+            def failing_save(obj, path, *a, **k):
+                calls.append(path)
+                if len(calls) == 2:
+                    raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1457216 vs 1457108")
+                return real_save(obj, path, *a, **k)
+
+            monkeypatch.setattr(ck.torch, "save", failing_save)
+            monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 1 << 30, 1_500_000))
+        out = (disk or tmp_path) / "out"
+        code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, out, "--max_steps", "4",
+                                                         "--save_steps", "2", "--lora_rank", "256"))
+        line = one_line(err)
+        assert code == 2 and "disk is full" in line and "needs about" in line and "enforce fail" not in line, err
+
+
+def test_an_empty_training_state_says_so(tiny_model_dir, id_file, tmp_path, capsys):
+    res = sft(base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "1"))
+    ckpt = Path(res["last_model_checkpoint"])
+    (ckpt / "training_state.pt").write_bytes(b"")
+    code, _, err = run_keel(capsys, "sft", *base_argv(tiny_model_dir, id_file, tmp_path, "--max_steps", "2",
+                                                     "--resume_from_checkpoint", ckpt))
+    assert code == 2 and "training_state.pt" in one_line(err) and "the file is empty" in one_line(err), err

@@ -162,7 +162,7 @@ def test_a_folder_a_cli_run_is_writing_to_is_refused(ui, tiny_model_dir, tmp_pat
 
 
 def test_a_failing_run_shows_its_one_line_error_and_the_ui_stays_up(ui, tiny_model_dir, tmp_path):
-    broken = tmp_path / "broken.jsonl"
+    broken = tmp_path / "out" / "broken.jsonl"  # general data comes from inside the output folders
     broken.write_text('{"messages": [\n')
     job = ui.post("/api/runs", json=run_form(tiny_model_dir, folder="bad", general=str(broken))).json()
     failed = wait_for(lambda: (j := ui.get(f"/api/jobs/{job['id']}").json())["status"] != "running" and j)
