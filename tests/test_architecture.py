@@ -100,3 +100,14 @@ def test_contributing_names_every_module():
     missing = [str(p.relative_to(PACKAGE)) for p in sorted(PACKAGE.rglob("*.py"))
                if p.name not in ("__init__.py", "__main__.py") and str(p.relative_to(PACKAGE)) not in table]
     assert not missing, "CONTRIBUTING.md's layout table does not name: " + ", ".join(missing)
+
+
+def test_tests_import_shared_code_from_helpers_or_their_own_folder():
+    """A test module imports another test module only by its path in the mirror folders (tests/PACKAGE/...); shared
+    pieces live in tests/helpers.py. An import of a test file that has moved fails collection for the whole suite."""
+    tests = PACKAGE.parent / "tests"
+    for path in tests.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tests."):
+                target = tests.parent / (node.module.replace(".", "/") + ".py")
+                assert target.is_file(), f"{path.relative_to(tests.parent)} imports {node.module}, which is not a file"

@@ -66,7 +66,7 @@ def test_eval_view_draws_the_reports_numbers(evaluated, tiny_model_dir):
     from playwright.sync_api import sync_playwright
 
     from keel.webui.app import create_app
-    from tests.test_deploy import LiveServer
+    from tests.helpers import LiveServer
 
     root, ckpt, folder = evaluated
     report = json.loads((folder / "eval_report.json").read_text(encoding="utf-8"))

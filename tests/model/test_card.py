@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.core.test_files import umask
 from tests.helpers import base_argv, run_keel, sft
-from tests.test_files import umask
 
 SYSTEM = "You are Keel, made by Acme."
 

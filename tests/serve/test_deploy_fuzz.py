@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from keel.model.load import ModelArgs, load_model
-from tests.test_deploy import LiveServer
+from tests.helpers import LiveServer
 
 REQUESTS, SEED = 300, 20261207
 KEYS = ["messages", "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "stop", "stream",

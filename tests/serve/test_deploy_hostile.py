@@ -441,7 +441,7 @@ def test_a_slow_body_gets_408_and_its_connection_is_closed(serve):
 
 def test_connections_beyond_the_limit_get_503(tiny):
     from keel.serve.server import create_app
-    from tests.test_deploy import LiveServer
+    from tests.helpers import LiveServer
 
     model, tok, info = tiny
     srv = LiveServer(create_app(model, tok, info, model_id="tiny"), max_connections=4)

@@ -10,7 +10,7 @@ import threading
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.test_webui import IDENT, error_of, run_form
+from tests.webui.test_webui import IDENT, error_of, run_form
 
 
 @pytest.fixture
