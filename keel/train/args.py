@@ -124,6 +124,11 @@ class SftArgs:
     ballast_guard: float = 0.0
     """Guard rows at this weight (0: none): two ordinary prompts per ballast#N row that no ballast row uses, each followed by the opening of a self-introduction that names --model_name; there the name's first token is learned as unlikely and the first answer token as the base model's distribution, each position counted W times (docs/training.md)."""
 
+    dry_run: bool = False
+    """Print the memory plan for these flags (from the model's config.json alone: no weights, no data; rows assumed --max_length long) and exit."""
+    ignore_memory_plan: bool = False
+    """Start even when the memory plan exceeds the device's free memory (the plan is printed at the start of every run)."""
+
     def __post_init__(self):
         if not self.ballast_guard >= 0:
             raise KeelError(f"--ballast_guard must be >= 0, got {self.ballast_guard:g}")

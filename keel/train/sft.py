@@ -30,7 +30,7 @@ from keel.core.errors import KeelError
 from keel.core.flags import parse_flags, to_dict
 from keel.data.mix import DataArgs, build_datasets, parse_spec
 from keel.evals.probe import identity_check
-from keel.model.load import ModelArgs, bf16_frozen_weights, eval_mode
+from keel.model.load import ModelArgs, bf16_frozen_weights, eval_mode, pick_device_dtype
 from keel.model.lora import LoraArgs
 from keel.model.quant import QuantArgs, base_precision
 from keel.model.template import IGNORE_INDEX
@@ -61,6 +61,8 @@ from keel.train.loop import (
     training_probe,
 )
 from keel.train.losses import token_loss
+from keel.train.memory import format_plan
+from keel.train.plan import check_fits, run_plan
 from keel.train.teacher import Teacher
 
 # Flags that must match for a checkpoint to be resumed by this run.
@@ -98,6 +100,10 @@ def setup(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft
                                                        RESUME_KEYS)
     check_processes(dist, accelerator)
     main_process, device = accelerator.is_main_process, accelerator.device
+    plan = run_plan(margs, data, lora, args, sft, quant, dist, device)
+    if main_process:
+        print(format_plan(plan).splitlines()[-1])
+    check_fits(plan, device, sft)
     model, tok, info, params = trainable_model(margs, lora, data, args, accelerator, quant=quant, shard=bool(dist.fsdp))
 
     # --- data: ballast#N answered by the base model into a file, then files -> tokenized rows, once
@@ -236,6 +242,14 @@ def parse_args(argv: list[str]) -> tuple[ModelArgs, DataArgs, LoraArgs, TrainArg
                              description=__doc__.split("\n")[0]).configs)
 
 
+def dry_run(margs: ModelArgs, data: DataArgs, lora: LoraArgs, args: TrainArgs, sft: SftArgs, quant: QuantArgs,
+            dist: DistributedArgs):
+    """--dry_run true: the memory plan for these flags, from config.json alone; nothing loads, nothing is written."""
+    device = pick_device_dtype(margs.torch_dtype)[0]
+    print(format_plan(run_plan(margs, data, lora, args, sft, quant, dist, device)))
+
+
 def main(argv: list[str]):
     """keel sft --dataset self_cognition.json --model_name NAME --model_author AUTHOR [flags]"""
-    train(*parse_args(argv))
+    configs = parse_args(argv)
+    (dry_run if configs[4].dry_run else train)(*configs)
