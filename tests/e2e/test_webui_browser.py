@@ -22,7 +22,8 @@ def test_identity_train_curves_stop_fail_compare(tiny_model_dir, id_file, tmp_pa
     # A finished run from the CLI, for the compare view (and to be listed beside the UI's runs).
     done = sft(["--model", tiny_model_dir, "--dataset", id_file, "--output_dir", roots[1] / "cli-run", "--max_steps", "4",
                 "--learning_rate", "5e-2", "--gradient_accumulation_steps", "2", "--split_dataset_ratio", "0"])
-    broken = tmp_path / "broken.jsonl"
+    broken = roots[0] / "broken.jsonl"  # general data comes from inside the output folders
+    roots[0].mkdir(parents=True)
     broken.write_text('{"messages": [\n')
     app = create_app(roots)
     srv = LiveServer(app)
