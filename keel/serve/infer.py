@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.core.errors import KeelError
-from keel.core.flags import parse_flags
+from keel.core.flags import note_once, parse_flags
 from keel.model.generate import GenerateArgs, context_length, generate_batch, stream_answer
 from keel.model.load import ModelArgs, load_model
 from keel.model.template import prompt_ids, with_system
@@ -94,9 +94,10 @@ class Fit:
         self.tok, self.gen, self.strategy = tok, gen, strategy
         self.context = context_length(model, tok)
         self.limit = self.context - gen.max_new_tokens  # the most prompt tokens that leave room for the answer
-        if self.limit < 1:
-            raise KeelError(f"--max_new_tokens {gen.max_new_tokens} leaves no room for a prompt in the model's "
-                            f"context of {self.context} tokens")
+        if self.limit < 1:  # a tutorial's 2048 on a small-context model: prompts keep half the context
+            note_once(f"--max_new_tokens {gen.max_new_tokens} is the model's whole context of {self.context} tokens "
+                      f"or more: prompts may use {self.context // 2} tokens, and a longer answer runs past the context")
+            self.limit = self.context // 2
         try:  # a token spans at most this many characters: a far longer text is over the limit untokenized
             self.longest = max(len(t) for t in tok.get_vocab()) or None
         except (AttributeError, NotImplementedError, TypeError, ValueError):

@@ -198,9 +198,9 @@ def recording_stream(monkeypatch):
     real = keel_infer.stream_answer
     seen = {"pieces": [], "shown": [], "messages": None, "gen": None}
 
-    def wrapped(model, tok, messages, gen, *rest):
+    def wrapped(model, tok, messages, gen, *rest, **options):
         seen["messages"], seen["gen"] = [dict(m) for m in messages], gen
-        for piece in real(model, tok, messages, gen, *rest):
+        for piece in real(model, tok, messages, gen, *rest, **options):
             seen["pieces"].append(piece)
             yield piece
             seen["shown"].append(sys.stdout.getvalue())

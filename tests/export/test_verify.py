@@ -130,7 +130,8 @@ def test_deploy_gguf_answers_the_openai_client(exported, tmp_path):
         assert r.usage.prompt_tokens == len(tok.apply_chat_template(CONVS[0], tokenize=True, add_generation_prompt=True))
         pieces = [ch.choices[0].delta.content or "" for ch in
                   c.chat.completions.create(model="keel-q4", messages=CONVS[0], max_tokens=10, temperature=0, stream=True)]
-        assert "".join(pieces).strip() == want and len([p for p in pieces if p]) >= 2
+        # chunks, not text pieces: a random tiny model's bytes may only decode whole at the end
+        assert "".join(pieces).strip() == want and len(pieces) >= 2
         assert [m.id for m in c.models.list().data] == ["keel-q4"]
     finally:
         srv.stop()
