@@ -102,7 +102,11 @@ def _shape(key: str) -> ModelShape:
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     linears = tuple((n, m.in_features, m.out_features) for n, m in model.named_modules()
                     if isinstance(m, torch.nn.Linear) and m is not head)
-    first = next(n for n, m in model.named_modules() if n.endswith("layers.0"))
+    blocks = next((n for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.ModuleList) and len(m) == text.num_hidden_layers), None)
+    if blocks is None:
+        raise KeelError(f"config.json: no list of {text.num_hidden_layers} decoder layers in '{raw['model_type']}'")
+    first = f"{blocks}.0"
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     return ModelShape(
