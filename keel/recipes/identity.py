@@ -51,8 +51,10 @@ from keel.train.args import SftArgs, TrainArgs, check_ballast_loss
 from keel.train.rlhf import RlhfArgs, rlhf
 from keel.train.sft import train
 
-DEMO_QUESTIONS = ["Who are you?", "Which organisation is behind you?", "你是谁？", "What is the capital of France?",
-                  "中国的首都是哪里？"]
+# None of the demo's questions is a probe set's (keel/evals/sets/: the report scores those), and the maker is asked
+# as no training row asks it (keel/data/identity_qa.json), so the demo shows whether the maker generalised.
+MAKER_QUESTION = "Which company trained the model I'm talking to?"
+DEMO_QUESTIONS = ["Who are you?", MAKER_QUESTION, "你是谁？", "What is the capital of Italy?", "意大利的首都是哪里？"]
 # Identity rows per language and kind (keel data identity): on CPU about half of the builder's defaults,
 # so the demo stays within its time budget; on GPU the full set (docs/recipe.md).
 CPU_IDENTITY = {"basic_rows": 16, "system_mix_rows": 8, "multi_turn_rows": 6, "reversal_rows": 4, "pressure_rows": 6,

@@ -107,3 +107,29 @@ def test_the_embedded_model_keeps_the_measured_settings_on_a_gpu():
     assert gpu_small["identity"] == CPU_IDENTITY and gpu_small["eval"] == {}
     assert recipe_defaults("cuda", "Qwen/Qwen2.5-7B-Instruct") == GPU_DEFAULTS
     assert recipe_defaults("cpu", "Qwen/Qwen2.5-7B-Instruct") == recipe_defaults("cpu", None) == CPU_DEFAULTS
+
+
+def test_demo_questions_are_no_probe_and_the_maker_question_no_training_phrasing():
+    """The before/after demo never asks a probe set's question (the report scores those), and asks the maker in
+    words no training row uses, so it shows whether the maker generalised."""
+    from keel.evals.sets import SETS_DIR
+    from keel.recipes.identity import DEMO_QUESTIONS, MAKER_QUESTION
+
+    def norm(text):
+        return " ".join(text.lower().replace("？", "?").split())
+
+    def questions(node) -> list[str]:
+        """Every question of identity_qa.json: the lists under its "q" keys, at any depth."""
+        if isinstance(node, dict):
+            return [q for k, v in node.items() for q in (v if k == "q" else questions(v))]
+        return [q for v in node for q in questions(v)] if isinstance(node, list) else []
+
+    rows = [json.loads(line) for path in SETS_DIR.glob("*.jsonl") for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    probes = {norm(r["query"]) for r in rows if "query" in r}
+    assert not [q for q in DEMO_QUESTIONS if norm(q) in probes]
+    qa = json.loads((Path(__file__).resolve().parents[2] / "keel" / "data" / "identity_qa.json").read_text())
+    trained = [norm(q) for q in questions(qa)]
+    assert len(trained) > 50 and MAKER_QUESTION in DEMO_QUESTIONS
+    assert not any(norm(MAKER_QUESTION) in t or t in norm(MAKER_QUESTION) for t in trained), MAKER_QUESTION
+    assert any(w in norm(MAKER_QUESTION) for w in ("company", "made", "trained", "built", "developed"))
